@@ -1,0 +1,35 @@
+"""The model family: one architecture file (`appleslm.py`) plus what every command asks of a model."""
+
+from __future__ import annotations
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from appleslm.models.appleslm import LeviathanGenerator, Model, ModelArgs, digit_base
+
+__all__ = ["LeviathanGenerator", "Model", "ModelArgs", "digit_base", "parameter_counts"]
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameter counts by role. Shapes only: nothing is evaluated, so a 1B preset costs nothing.
+
+    "Embedding" parameters are the input table (or generator) plus an untied output head, the
+    MobileLLM paper's convention; a tied table is counted once.
+    """
+    sizes = {name: value.size for name, value in tree_flatten(model.parameters())}
+    embedding_prefixes = ("embed_tokens.", "embed_generator.", "lm_head.")
+    embedding = sum(n for name, n in sizes.items() if name.startswith(embedding_prefixes))
+    total = sum(sizes.values())
+    args = model.args
+    counts = {
+        "params_total": total,
+        "params_embedding": embedding,
+        "params_non_embedding": total - embedding,
+        "layers_unique": args.num_hidden_layers,
+        "layers_executed": args.num_hidden_layers * args.layer_repeat,
+    }
+    if args.embedding == "leviathan":
+        counts["params_generator"] = sum(
+            n for name, n in sizes.items() if name.startswith("embed_generator.")
+        )
+    return counts
