@@ -75,7 +75,7 @@ SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataConfig, "train": Tr
 
 
 def find_config(name_or_path: str | Path) -> Path:
-    """A YAML file given by path, or a preset name from `configs/` (`tiny`, `mobilellm-125m`, ...)."""
+    """A YAML file given by path, or a preset name from `configs/` (`tiny`, `mobilellm-125m`)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
@@ -106,11 +106,15 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     unknown = set(raw) - set(SECTIONS)
     if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}")
+        raise ConfigError(
+            f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted(SECTIONS)}"
+        )
     if "model" not in raw:
         raise ConfigError(f"{source}: a 'model' section is required")
-    sections = {name: build_dataclass(cls, raw.get(name) or {}, f"{source}: {name}")
-                for name, cls in SECTIONS.items()}
+    sections = {
+        name: build_dataclass(cls, raw.get(name) or {}, f"{source}: {name}")
+        for name, cls in SECTIONS.items()
+    }
     return RunConfig(**sections)
 
 
@@ -137,6 +141,11 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
     for t in allowed:
         if t is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if t is float and isinstance(value, str):
+            try:  # YAML 1.1 reads `1e-3` (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
         if t is type(None) or not isinstance(t, type):
             continue
         if isinstance(value, t) and not (t is int and isinstance(value, bool)):
@@ -150,9 +159,13 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     section, dot, name = key.partition(".")
     if not sep or not dot or not name:
-        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=100")
+        raise ConfigError(
+            f"override {item!r} must look like section.key=value, e.g. train.steps=100"
+        )
     if section not in SECTIONS:
-        raise ConfigError(f"override {item!r}: unknown section {section!r}; known: {sorted(SECTIONS)}")
+        raise ConfigError(
+            f"override {item!r}: unknown section {section!r}; known: {sorted(SECTIONS)}"
+        )
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -27,22 +27,36 @@ def write_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator([SAMPLE_TEXT], trainer)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "chat_template": CHATML,
-    }))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "chat_template": CHATML,
+            }
+        )
+    )
     return directory
 
 
 def tiny_args(**overrides) -> ModelArgs:
-    values = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=128)
+    values = dict(
+        vocab_size=300,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+    )
     values.update(overrides)
     return ModelArgs(**values)
 
@@ -58,5 +72,9 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     mx.random.seed(0)
     model = Model(tiny_args())
     mx.eval(model.parameters())
-    return save_model_dir(tmp_path_factory.mktemp("models") / "tiny", model,
-                          tokenizer_dir=tokenizer_dir, provenance={"note": "random weights"})
+    return save_model_dir(
+        tmp_path_factory.mktemp("models") / "tiny",
+        model,
+        tokenizer_dir=tokenizer_dir,
+        provenance={"note": "random weights"},
+    )

@@ -1,10 +1,10 @@
 """The one model-directory format every command reads and writes, loadable by stock mlx-lm.
 
-    config.json         ModelArgs fields + "model_file" (+ mlx-lm's "quantization" when quantized)
-    model.safetensors   weights
-    appleslm_arch.py    the architecture, for `mlx_lm.load(..., trust_remote_code=True)`
-    tokenizer.json, tokenizer_config.json (+ chat_template.jinja)
-    appleslm.json       provenance: data, tokens seen, validation loss, parameter counts
+config.json         ModelArgs fields + "model_file" (+ mlx-lm's "quantization" when quantized)
+model.safetensors   weights
+appleslm_arch.py    the architecture, for `mlx_lm.load(..., trust_remote_code=True)`
+tokenizer.json, tokenizer_config.json (+ chat_template.jinja)
+appleslm.json       provenance: data, tokens seen, validation loss, parameter counts
 """
 
 from __future__ import annotations
@@ -28,8 +28,13 @@ from appleslm.models import appleslm as architecture
 
 ARCH_FILE = "appleslm_arch.py"
 PROVENANCE_FILE = "appleslm.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 class ModelDirError(ValueError):
@@ -162,7 +167,8 @@ def load_model(spec: str | Path, *, trust_remote_code: bool = False, lazy: bool 
     if not list(model_dir.glob("model*.safetensors")):
         raise ModelDirError(f"{model_dir} has no model*.safetensors weights")
     try:
-        return mlx_lm.load(str(model_dir), model_config=overrides, lazy=lazy,
-                           trust_remote_code=trust_remote_code)
+        return mlx_lm.load(
+            str(model_dir), model_config=overrides, lazy=lazy, trust_remote_code=trust_remote_code
+        )
     except (ValueError, RuntimeError, KeyError, OSError) as e:
         raise ModelDirError(f"cannot load the model in {model_dir}: {e}") from e

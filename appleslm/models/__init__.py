@@ -1,4 +1,4 @@
-"""The model family: one architecture file (`appleslm.py`) plus what every command asks of a model."""
+"""The model family: one architecture file (`appleslm.py`) and what every command asks of it."""
 
 from __future__ import annotations
 

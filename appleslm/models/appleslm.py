@@ -20,8 +20,8 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import BaseModelArgs, create_attention_mask, scaled_dot_product_attention
 from mlx.utils import tree_flatten
+from mlx_lm.models.base import BaseModelArgs, create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 
 EMBEDDINGS = ("table", "leviathan")
@@ -72,9 +72,17 @@ class ModelArgs(BaseModelArgs):
                 "the Leviathan generator replaces only the input table and its output head is a "
                 "full untied matrix: set tie_word_embeddings to false"
             )
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "layer_repeat",
-                     "intermediate_size", "generator_d_seed", "generator_digits",
-                     "generator_heads", "generator_rank"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "layer_repeat",
+            "intermediate_size",
+            "generator_d_seed",
+            "generator_digits",
+            "generator_heads",
+            "generator_rank",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.generator_knots < 2:
@@ -135,7 +143,7 @@ class LeviathanGenerator(nn.Module):
         basis = basis / basis.sum(axis=-1, keepdims=True)  # partition of unity at the edges too
         # (h, d, N, knots) @ (h, d, knots, rank): one small matmul per (head, seed dim).
         phi = basis.transpose(1, 2, 0, 3) @ self.spline.astype(mx.float32)
-        # Rank-r separable modes: products over the seed dims, in log space with the sign kept apart.
+        # Rank-r separable modes: products over the seed dims, in log space, the sign kept apart.
         negatives = (phi < 0).sum(axis=1)
         sign = 1 - 2 * (negatives % 2)
         modes = sign * mx.exp(mx.log(mx.abs(phi) + 1e-9).sum(axis=1))  # (h, N, rank)
@@ -210,9 +218,13 @@ class Model(nn.Module):
 
     def _init_body(self, std: float) -> None:
         """Normal(0, std) matrices as in Llama/MobileLLM (the generator initialises itself)."""
-        modules = [*self.layers, getattr(self, "embed_tokens", None), getattr(self, "lm_head", None)]
+        modules = [
+            *self.layers,
+            getattr(self, "embed_tokens", None),
+            getattr(self, "lm_head", None),
+        ]
         for module in filter(None, modules):
-            for name, sub in module.named_modules():
+            for _, sub in module.named_modules():
                 if isinstance(sub, (nn.Linear, nn.Embedding)):
                     sub.weight = std * mx.random.normal(sub.weight.shape)
 
@@ -266,13 +278,16 @@ class Model(nn.Module):
         """The same network with the generator evaluated once into an ordinary embedding table."""
         if self.args.embedding == "table":
             return self
-        table = mx.concatenate([
-            self.embed_generator(mx.arange(start, min(start + chunk, self.args.vocab_size)))
-            for start in range(0, self.args.vocab_size, chunk)
-        ])
+        table = mx.concatenate(
+            [
+                self.embed_generator(mx.arange(start, min(start + chunk, self.args.vocab_size)))
+                for start in range(0, self.args.vocab_size, chunk)
+            ]
+        )
         model = Model(replace(self.args, embedding="table"))
-        weights = {k: v for k, v in tree_flatten(self.parameters())
-                   if not k.startswith("embed_generator.")}
+        weights = {
+            k: v for k, v in tree_flatten(self.parameters()) if not k.startswith("embed_generator.")
+        }
         weights["embed_tokens.weight"] = table
         model.load_weights(list(weights.items()))
         return model

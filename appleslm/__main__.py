@@ -1,0 +1,3 @@
+from appleslm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""Training speed of appleslm against mlx-lm's own Llama, side by side in one process.
+
+  python scripts/bench_train.py            # all three comparisons, ~10M-parameter shapes
+  python scripts/bench_train.py --quick    # ~1M shapes, for a smoke run
+
+1. step:      one compiled AdamW step of our dense model vs `mlx_lm.models.llama.Model` at the same
+              shape, dtype and batch (target: ours >= 1.0x).
+2. generator: our Leviathan generator input vs a table embedding, same body (target: <= 10%
+              step-time overhead; the paper reports 23-51%).
+3. loop:      `appleslm train`'s Trainer step (data, accumulation, logging state) vs a plain loop
+              around llama.Model on the same batches: tokens/s and peak memory (targets: >= 1.0x,
+              <= 1.0x).
+Each comparison interleaves the two sides and reports the median of paired ratios, because this
+machine drifts by 20-30% between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from appleslm.blas import blas_in_use, reexec_with_openblas  # noqa: E402
+
+reexec_with_openblas([sys.executable, *sys.argv])
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx_lm.models import llama  # noqa: E402
+
+from appleslm.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
+from appleslm.models import Model, ModelArgs, parameter_counts  # noqa: E402
+from appleslm.train.loop import Trainer, cross_entropy, generator_loss, model_inputs  # noqa: E402
+
+SHAPES = {  # the ~10M and ~1M deep-thin shapes of shared/reference/perf-baselines.md
+    "10m": dict(
+        vocab_size=8192,
+        hidden_size=256,
+        num_hidden_layers=14,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=704,
+    ),
+    "1m": dict(
+        vocab_size=8192,
+        hidden_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=320,
+    ),
+}
+GENERATOR = dict(
+    embedding="leviathan",
+    tie_word_embeddings=False,
+    generator_d_seed=64,
+    generator_heads=4,
+    generator_knots=16,
+    generator_rank=8,
+)
+
+
+def compiled_step(model: nn.Module, loss):
+    optimizer = optim.AdamW(1e-3, weight_decay=0.1, bias_correction=True)
+    optimizer.init(model.trainable_parameters())
+    state = [model.state, optimizer.state]
+    loss_and_grad = nn.value_and_grad(model, loss)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(*batch):
+        value, grads = loss_and_grad(model, *batch)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(model, grads)
+        return value
+
+    def run(*batch):
+        mx.eval(step(*batch), state)
+
+    return run
+
+
+def llama_args(shape: dict) -> llama.ModelArgs:
+    return llama.ModelArgs(
+        model_type="llama",
+        hidden_size=shape["hidden_size"],
+        num_hidden_layers=shape["num_hidden_layers"],
+        intermediate_size=shape["intermediate_size"],
+        num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_key_value_heads"],
+        rms_norm_eps=1e-5,
+        vocab_size=shape["vocab_size"],
+        tie_word_embeddings=True,
+    )
+
+
+def llama_loss(model, x, y):
+    return nn.losses.cross_entropy(model(x).astype(mx.float32), y, reduction="mean")
+
+
+def paired(a, b, reps: int, warmup: int = 2) -> tuple[float, float, float]:
+    """Median seconds of a and b, and the median of per-pair ratios b/a (a's speed-up)."""
+    for _ in range(warmup):
+        a(), b()
+    ta, tb = [], []
+    for _ in range(reps):
+        for fn, times in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return (
+        statistics.median(ta),
+        statistics.median(tb),
+        statistics.median(y / x for x, y in zip(ta, tb)),
+    )
+
+
+def batch(shape: dict, batch_size: int, seq_len: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w = rng.integers(0, shape["vocab_size"], size=(batch_size, seq_len + 1))
+    return w[:, :-1], w[:, 1:]
+
+
+def bench_step(shape, dtype, batch_size, seq_len, reps):
+    x, y = batch(shape, batch_size, seq_len)
+    ours = Model(ModelArgs(**shape))
+    anchor = llama.Model(llama_args(shape))
+    for m in (ours, anchor):
+        m.set_dtype(dtype)
+    ours_step, anchor_step = compiled_step(ours, cross_entropy), compiled_step(anchor, llama_loss)
+    xs, ys = mx.array(x), mx.array(y)
+    t_ours, t_anchor, ratio = paired(lambda: ours_step(xs, ys), lambda: anchor_step(xs, ys), reps)
+    tokens = batch_size * seq_len
+    print(
+        f"[step] ours {tokens / t_ours:.0f} tok/s, mlx-lm llama {tokens / t_anchor:.0f} tok/s, "
+        f"ours/mlx-lm speed = {ratio:.3f}x (median of {reps} paired runs)"
+    )
+
+
+def bench_generator(shape, dtype, batch_size, seq_len, reps):
+    x, y = batch(shape, batch_size, seq_len)
+    table = Model(ModelArgs(**shape))
+    untied = Model(ModelArgs(**shape, tie_word_embeddings=False))
+    lev = Model(ModelArgs(**shape, **GENERATOR))
+    for m in (table, untied, lev):
+        m.set_dtype(dtype)
+    counts = {
+        name: parameter_counts(m)["params_total"] / 1e6
+        for name, m in (("tied", table), ("untied", untied), ("leviathan", lev))
+    }
+    steps = {
+        "tied": compiled_step(table, cross_entropy),
+        "untied": compiled_step(untied, cross_entropy),
+        "leviathan": compiled_step(lev, generator_loss),
+    }
+    inputs = {
+        "tied": model_inputs(table, x, y),
+        "untied": model_inputs(untied, x, y),
+        "leviathan": model_inputs(lev, x, y),
+    }
+    for anchor in ("tied", "untied"):
+        t_lev, t_anchor, ratio = paired(
+            lambda: steps["leviathan"](*inputs["leviathan"]),
+            lambda a=anchor: steps[a](*inputs[a]),
+            reps,
+        )
+        print(
+            f"[generator] leviathan {counts['leviathan']:.2f}M vs {anchor} table "
+            f"{counts[anchor]:.2f}M: step {t_lev * 1e3:.0f} ms vs {t_anchor * 1e3:.0f} ms, "
+            f"overhead {100 * (1 / ratio - 1):+.1f}% (median of {reps} paired runs; "
+            f"{int(inputs['leviathan'][2].size)} distinct ids evaluated for "
+            f"{batch_size * seq_len} positions)"
+        )
+
+
+def bench_loop(shape, dtype, batch_size, seq_len, reps):
+    """Our Trainer's step against a hand-written loop around llama.Model, same batches."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = RunConfig(
+            model=ModelArgs(**shape),
+            data=DataConfig(source="default", cache_dir=str(Path(tmp) / "cache")),
+            train=TrainConfig(
+                steps=10**6,
+                batch_size=batch_size,
+                seq_len=seq_len,
+                dtype="bfloat16" if dtype == mx.bfloat16 else "float32",
+            ),
+        )
+        trainer = Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda m: None)
+        anchor = llama.Model(llama_args(shape))
+        anchor.set_dtype(dtype)
+        anchor_step = compiled_step(anchor, llama_loss)
+        batches = iter(lambda: trainer.batches.next_batch(), None)
+
+        def ours():
+            trainer.train_step()
+
+        def theirs():
+            x, y = next(batches)
+            anchor_step(mx.array(x), mx.array(y))
+
+        t_ours, t_anchor, ratio = paired(ours, theirs, reps)
+        tokens = batch_size * seq_len
+        peaks = {}
+        for name, fn in (("ours", ours), ("mlx-lm", theirs)):
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            fn()
+            peaks[name] = mx.get_peak_memory() / 2**20
+        print(
+            f"[loop] appleslm train {tokens / t_ours:.0f} tok/s, llama loop "
+            f"{tokens / t_anchor:.0f} tok/s, speed ratio {ratio:.3f}x; peak memory of one step "
+            f"(both models resident) {peaks['ours']:.0f} MiB vs {peaks['mlx-lm']:.0f} MiB"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="~1M shapes")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--only", choices=["step", "generator", "loop"])
+    args = parser.parse_args()
+    shape = SHAPES["1m" if args.quick else "10m"]
+    dtype = getattr(mx, args.dtype)
+    batch_size, seq_len = (8, 128) if args.quick else (2, 256)
+    print(f"BLAS: {blas_in_use()}; dtype {args.dtype}; batch {batch_size} x {seq_len}")
+    for name, fn in (("step", bench_step), ("generator", bench_generator), ("loop", bench_loop)):
+        if args.only in (None, name):
+            fn(shape, dtype, batch_size, seq_len, args.reps)
+
+
+if __name__ == "__main__":
+    main()
