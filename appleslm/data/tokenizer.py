@@ -1,0 +1,130 @@
+"""Tokenizers: train a byte-level BPE on the corpus, or load an existing tokenizer.json.
+
+Byte-level BPE never meets an unknown character and decodes back to the exact input text, which
+is what a toolkit that trains on whatever text a user has needs. The saved form is the Hugging Face
+pair tokenizer.json + tokenizer_config.json, because that is what mlx-lm (through transformers'
+AutoTokenizer) loads from a model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from appleslm.data.corpus import DataError
+
+EOT = "<|endoftext|>"  # end of document, document separator in packed sequences, and eos
+IM_START = "<|im_start|>"  # ChatML turn markers, reserved now so chat fine-tuning needs no resize
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [EOT, IM_START, IM_END]  # ids 0, 1, 2 in trained tokenizers
+# eos spellings of common pretrained tokenizers, tried in order when a loaded one lacks EOT.
+EOS_CANDIDATES = [EOT, "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", IM_END]
+
+# ChatML. Plain string concatenation only, so that every Jinja renderer (transformers, mlx-lm,
+# llama.cpp's minja) agrees on it.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+_HF_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
+_NO_MAX_LENGTH = int(1e30)  # transformers' own "no limit" value (VERY_LARGE_INTEGER)
+
+
+def train_tokenizer(docs: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE with `vocab_size` entries (fewer if the corpus runs out of merges)."""
+    floor = len(SPECIAL_TOKENS) + 256
+    if vocab_size < floor:
+        raise DataError(f"vocab_size {vocab_size} is too small for byte-level BPE (min {floor})")
+    tok = Tokenizer(models.BPE())
+    # add_prefix_space=False keeps encode/decode an exact round trip (no invented leading space).
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        # All 256 byte symbols up front, so any input (emoji, CJK, stray bytes) stays encodable.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tok.train_from_iterator(docs, trainer=trainer)
+    return tok
+
+
+def eot_id(tokenizer: Tokenizer) -> int:
+    """The id that ends a document: `<|endoftext|>`, or a pretrained tokenizer's own eos."""
+    for token in EOS_CANDIDATES:
+        tid = tokenizer.token_to_id(token)
+        if tid is not None:
+            return tid
+    raise DataError(
+        f"tokenizer has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)}); "
+        "documents cannot be separated"
+    )
+
+
+def load_tokenizer_file(spec: str) -> Tokenizer:
+    """Load a tokenizer from a tokenizer.json path, a directory holding one, or a Hub model repo."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"no tokenizer.json in {path.parent}")
+    elif not path.exists():
+        if not _HF_REPO.match(spec):
+            raise DataError(f"tokenizer not found: {spec} (want a tokenizer.json, dir or Hub repo)")
+        path = _hub_tokenizer(spec)
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise DataError(f"{path}: not a valid tokenizer.json: {e}") from e
+
+
+def save_tokenizer(
+    tokenizer: Tokenizer,
+    model_dir: Path,
+    chat_template: str = DEFAULT_CHAT_TEMPLATE,
+    model_max_length: int | None = None,
+) -> None:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja into `model_dir`.
+
+    The config names `PreTrainedTokenizerFast`, so transformers needs no tokenizer class of ours,
+    and turns off `clean_up_tokenization_spaces`, which would otherwise rewrite " ." as "." on
+    decode and break the exact round trip.
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    eos = tokenizer.id_to_token(eot_id(tokenizer))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": eos,
+        "pad_token": eos,  # padding is masked out; reusing eos avoids growing the vocabulary
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length or _NO_MAX_LENGTH,
+        "chat_template": chat_template,
+    }
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # transformers >= 4.43 saves the template beside the config; write both so either reader agrees.
+    (model_dir / "chat_template.jinja").write_text(chat_template)
+
+
+def _hub_tokenizer(repo_id: str) -> Path:
+    from huggingface_hub import hf_hub_download  # deferred: only Hub users need the network stack
+
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename="tokenizer.json"))
+    except Exception as e:  # not found, gated, offline: all mean "cannot use this tokenizer"
+        raise DataError(
+            f"could not get tokenizer.json from Hugging Face repo {repo_id!r}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
