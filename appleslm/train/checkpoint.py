@@ -1,7 +1,8 @@
 """Checkpoints that survive crashes: each is a directory written atomically, the last k kept.
 
-A checkpoint holds everything an exact resume needs: weights, optimizer moments and step,
-the data iterator's position, the RNG state and the run config.
+A checkpoint holds everything an exact resume needs: weights, optimizer moments and step, and
+the data iterator's position. (MLX's RNG is re-seeded from (seed, step) before every step, so its
+state is a function of the step and needs no saving.)
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ def save_checkpoint(
         mx.save_safetensors(
             str(staging / "optimizer.safetensors"), dict(tree_flatten(optimizer.state))
         )
-        rng = [k.tolist() for k in mx.random.state]
-        (staging / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng}))
+        (staging / "state.json").write_text(json.dumps({**state, "step": step}))
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old.path)
     return path
@@ -74,5 +74,4 @@ def restore_checkpoint(
     model.load_weights(str(checkpoint.path / "model.safetensors"))
     saved = mx.load(str(checkpoint.path / "optimizer.safetensors"))
     optimizer.state = tree_unflatten(list(saved.items()))
-    mx.random.state[0] = mx.array(checkpoint.state["rng"][0], dtype=mx.uint32)
     mx.eval(model.parameters(), optimizer.state)

@@ -24,7 +24,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import yaml
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 
 from appleslm.blas import blas_in_use
@@ -160,6 +160,8 @@ class Trainer:
         self.compute_grads, self.apply_update, self.eval_loss = self.build_steps()
 
     def prepare_run_dir(self, resume: bool) -> None:
+        if self.rank != 0:
+            return  # rank 0 owns the run directory
         config_file = self.run_dir / "config.yaml"
         wanted = self.cfg.to_dict()
         if config_file.exists():
@@ -175,9 +177,8 @@ class Trainer:
                         f"cannot resume {self.run_dir}: its {section} config "
                         "differs from the one given"
                     )
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            config_file.write_text(yaml.safe_dump(wanted, sort_keys=False))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(yaml.safe_dump(wanted, sort_keys=False))
 
     def load_data(self):
         # Rank 0 tokenizes first; the others then hit its cache instead of racing it.
@@ -217,6 +218,8 @@ class Trainer:
         return compiled(compute_grads), compiled(apply_update), mx.compile(eval_loss, inputs=state)
 
     def train_step(self) -> tuple[mx.array, mx.array]:
+        # Any randomness inside a step then depends only on (seed, step): resume stays exact.
+        mx.random.seed(self.cfg.train.seed * 1_000_003 + self.step)
         x, y = self.batches.next_batch()
         accum = self.cfg.train.grad_accum
         losses, grads = [], None
@@ -333,14 +336,28 @@ class Trainer:
                 self.checkpoint()
                 self.log(f"stopped at step {self.step}; checkpoint saved. Continue with --resume.")
                 return TrainResult(self.run_dir, None, self.step, self.tokens_seen, val_loss, True)
+        self.check_ranks_in_sync()
         model_dir = self.save_final_model(val_loss, counts) if self.rank == 0 else None
         return TrainResult(self.run_dir, model_dir, self.step, self.tokens_seen, val_loss)
+
+    def check_ranks_in_sync(self) -> None:
+        """Data-parallel ranks must hold identical weights; a silent divergence would waste a run."""
+        if self.world == 1:
+            return
+        leaves = [p.astype(mx.float32).sum() for _, p in tree_flatten(self.model.parameters())]
+        checksum = mx.stack(leaves).sum()
+        low = mx.distributed.all_min(checksum, group=self.group)
+        high = mx.distributed.all_max(checksum, group=self.group)
+        if low.item() != high.item():
+            raise TrainingError(f"data-parallel ranks diverged: weight checksums {low} != {high}")
+        self.log(f"{self.world} ranks in sync (weight checksum {checksum.item():.6f})")
 
     def record(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
             return
         self.metrics.append(record)
-        plot_losses(self.metrics.records(), self.run_dir / "loss.png", self.run_dir.name)
+        if record["kind"] == "eval":  # plotting costs ~0.1 s: once per evaluation is enough
+            plot_losses(self.metrics.records(), self.run_dir / "loss.png", self.run_dir.name)
 
     def save_final_model(self, val_loss: float | None, counts: dict[str, int]) -> Path:
         if val_loss is None:

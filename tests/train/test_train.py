@@ -1,0 +1,185 @@
+"""Pretraining end to end, through the real CLI: resume after SIGKILL, Ctrl-C, divergence,
+data parallel, and the saved model."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from appleslm.io import load_model
+from appleslm.train.checkpoint import latest_checkpoint
+
+APPLESLM = [sys.executable, "-m", "appleslm"]
+
+
+def train(config: Path, out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [*APPLESLM, "train", str(config), "--out", str(out), "--no-progress", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def start(config: Path, out: Path, *args: str) -> subprocess.Popen:
+    cmd = [*APPLESLM, "train", str(config), "--out", str(out), "--no-progress", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and max(train_losses(run), default=0) >= step:
+            return
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.01)
+    raise AssertionError(f"run did not reach step {step}")
+
+
+def weights(model_dir: Path) -> dict[str, mx.array]:
+    return mx.load(str(model_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {
+            "model": {
+                "embedding": "leviathan",
+                "tie_word_embeddings": False,
+                "layer_repeat": 2,
+                "generator_d_seed": 16,
+                "generator_heads": 2,
+                "generator_rank": 4,
+            },
+            "grad_accum": 2,
+        },
+    ],
+)
+def test_resume_after_sigkill_equals_an_uninterrupted_run(variant, tmp_path, write_config):
+    config = write_config(
+        variant.get("model"), **{k: v for k, v in variant.items() if k != "model"}
+    )
+    train(config, tmp_path / "whole")
+
+    process = start(config, tmp_path / "killed")
+    wait_for_step(tmp_path / "killed", 13, process)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "model").exists()
+    resumed = train(config, tmp_path / "killed", "--resume")
+    assert "resumed from" in resumed.stdout + resumed.stderr
+
+    assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "whole")
+    whole, killed = weights(tmp_path / "whole" / "model"), weights(tmp_path / "killed" / "model")
+    assert whole.keys() == killed.keys()
+    for name in whole:
+        assert mx.array_equal(whole[name], killed[name]).item(), name
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, write_config):
+    config = write_config(steps=100000, save_every=100000)
+    process = start(config, tmp_path / "run")
+    wait_for_step(tmp_path / "run", 3, process)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert checkpoint is not None and checkpoint.step >= 3
+    assert f"stopped at step {checkpoint.step}" in output
+    assert max(train_losses(tmp_path / "run")) == checkpoint.step
+
+
+def test_divergence_stops_without_touching_the_last_good_checkpoint(tmp_path, write_config):
+    config = write_config(lr=1e4, warmup_steps=0, save_every=1, grad_clip=1e9)
+    done = train(config, tmp_path / "run", check=False)
+    assert done.returncode == 2
+    assert "loss became" in done.stderr and "last good checkpoint" in done.stderr
+    checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert checkpoint is not None
+    saved = mx.load(str(checkpoint.path / "model.safetensors"))
+    assert all(mx.isfinite(w).all().item() for w in saved.values())
+    assert max(train_losses(tmp_path / "run")) == checkpoint.step
+
+
+def test_a_run_directory_is_not_overwritten_without_resume(tmp_path, write_config):
+    config = write_config(steps=2)
+    train(config, tmp_path / "run")
+    done = train(config, tmp_path / "run", check=False)
+    assert done.returncode == 2 and "--resume" in done.stderr
+    other = write_config({"hidden_size": 64}, steps=2)
+    done = train(other, tmp_path / "run", "--resume", check=False)
+    assert done.returncode == 2 and "model config differs" in done.stderr
+
+
+def test_trained_model_loads_everywhere_and_beats_chance(tmp_path, write_config, corpus_dir):
+    config = write_config(steps=30)
+    done = train(config, tmp_path / "run")
+    model_dir = tmp_path / "run" / "model"
+    provenance = json.loads((model_dir / "appleslm.json").read_text())
+    assert provenance["val_loss"] < math.log(512) - 0.5  # well below a uniform guess
+    assert f"perplexity {provenance['val_ppl']:.2f}" in done.stdout
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    model, tokenizer = load_model(model_dir)
+    assert model.args.vocab_size == 512
+    evaluated = subprocess.run(
+        [*APPLESLM, "eval", str(model_dir), "--data", str(corpus_dir / "000.txt"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    result = json.loads(evaluated.stdout)
+    assert result.keys() >= {"loss", "ppl", "tokens"} and result["tokens"] > 1000
+    assert math.isclose(result["ppl"], math.exp(result["loss"]), rel_tol=1e-9)
+
+
+def test_data_parallel_ranks_match_a_single_process_run(tmp_path, write_config):
+    config = write_config(steps=6, eval_every=6, save_every=6)
+    train(config, tmp_path / "single")
+    launch = [
+        str(Path(sys.executable).parent / "mlx.launch"),
+        "--backend",
+        "ring",
+        "-n",
+        "2",
+        sys.executable,
+        "-m",
+        "appleslm",
+        "train",
+        str(config),
+        "--out",
+        str(tmp_path / "dp"),
+        "--no-progress",
+    ]
+    done = subprocess.run(
+        launch,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    output = done.stdout + done.stderr
+    # mlx.launch exits 0 even when a rank fails: read what the ranks said.
+    assert "exited with code" not in output and "Traceback" not in output, output
+    assert "2 ranks in sync" in output, output
+    assert "2 process(es)" in output
+    single, parallel = train_losses(tmp_path / "single"), train_losses(tmp_path / "dp")
+    assert single.keys() == parallel.keys()
+    for step in single:
+        assert math.isclose(single[step], parallel[step], rel_tol=1e-4), step
+    a, b = weights(tmp_path / "single" / "model"), weights(tmp_path / "dp" / "model")
+    for name in a:
+        assert mx.allclose(a[name], b[name], atol=1e-4).item(), name
