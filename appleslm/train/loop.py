@@ -341,7 +341,7 @@ class Trainer:
         return TrainResult(self.run_dir, model_dir, self.step, self.tokens_seen, val_loss)
 
     def check_ranks_in_sync(self) -> None:
-        """Data-parallel ranks must hold identical weights; a silent divergence would waste a run."""
+        """Data-parallel ranks must hold identical weights: a silent divergence wastes a run."""
         if self.world == 1:
             return
         leaves = [p.astype(mx.float32).sum() for _, p in tree_flatten(self.model.parameters())]
