@@ -63,13 +63,88 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from appleslm.io import load_model
 
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    settings = SamplingSettings(
-        temperature=args.temp or 0.0, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
-    )
+    settings = SamplingSettings(temperature=args.temp or 0.0, top_p=args.top_p, seed=args.seed)
     print(args.prompt, end="", flush=True)
-    for text in generate_text(model, tokenizer, args.prompt, settings):
+    for text in generate_text(model, tokenizer, args.prompt, args.max_tokens, settings):
         print(text, end="", flush=True)
     print()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from tui.app import run_chat
+
+    run_chat(
+        args.model,
+        system_prompt=args.system,
+        temperature=args.temp,
+        max_tokens=args.max_tokens,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from appleslm.quant import format_report, quantize
+
+    report = quantize(
+        args.model,
+        args.out,
+        bits=args.bits,
+        group_size=args.group_size,
+        recipe=args.recipe,
+        eval_text=args.eval_text,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(format_report(report))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from appleslm.io.export import export_llama
+
+    out = export_llama(args.model, args.out)
+    print(f"exported to {out}: a plain llama checkpoint; load it with mlx_lm.load({str(out)!r})")
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> None:
+    from appleslm.io.gguf import import_gguf
+
+    out = import_gguf(args.file, args.out, overwrite=args.overwrite)
+    print(f"imported to {out}; chat with it: appleslm chat {out}")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from appleslm.io.hub import push_model
+
+    result = push_model(
+        args.model,
+        args.repo_id,
+        private=args.private,
+        endpoint=args.endpoint,
+        dry_run=args.dry_run,
+        commit_message=args.message,
+    )
+    if result.dry_run:
+        print(f"dry run: would upload to {args.repo_id}:")
+        for name in result.files:
+            print(f"  {name:32s} {result.sizes.get(name, 0):>12,} bytes")
+        print("\nmodel card:\n" + str(result.card))
+        return
+    print(f"pushed to {result.url} (commit {result.commit})")
+
+
+def cmd_density(args: argparse.Namespace) -> None:
+    from appleslm.density import density_report, format_table
+
+    report = density_report(
+        args.run_dirs,
+        params_key=args.params_key,
+        plot_path=None if args.no_plot else args.plot,
+        ladder=args.ladder,
+        ladder_variant=args.ladder_variant,
+        densing=args.densing,
+        irreducible=args.irreducible,
+        z=args.sigma,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -116,8 +191,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--temp", type=float, help="sampling temperature (default: greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="random seed for sampling")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal UI")
+    p.add_argument("model", nargs="?", help="a model directory or Hub repo id (or pick in the app)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow running a third-party model's own architecture code",
+    )
+    p.add_argument("--system", default="", help="system prompt for new conversations")
+    p.add_argument("--temp", type=float, help="sampling temperature for new conversations")
+    p.add_argument("--max-tokens", type=int, help="reply length limit for new conversations")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("quantize", help="MLX affine quantization with a perplexity report")
+    add_model_args(p)
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 6, 8])
+    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
+    p.add_argument(
+        "--recipe",
+        default="uniform",
+        choices=["uniform", "mixed"],
+        help="mixed: embedding and output head at 8 bits",
+    )
+    p.add_argument(
+        "--eval-text",
+        help="text to measure perplexity on (default: the validation split of the training corpus)",
+    )
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="write a plain llama checkpoint stock mlx-lm loads")
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-gguf", help="convert a Llama-architecture GGUF to a model dir")
+    p.add_argument("file", help="a .gguf file")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_import_gguf)
+
+    p = sub.add_parser("push", help="upload a model directory to the Hugging Face Hub")
+    add_model_args(p)
+    p.add_argument("repo_id", help="namespace/name")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be uploaded")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("density", help="effective parameters of runs against a dense ladder")
+    p.add_argument("run_dirs", nargs="+", type=Path, help="run or model directories")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--params-key",
+        default="params_total",
+        help="which parameter count is N (e.g. params_non_embedding)",
+    )
+    p.add_argument(
+        "--ladder",
+        action="append",
+        metavar="NAME",
+        help="a run in the dense ladder (repeatable); default: every run whose "
+        "variant is --ladder-variant",
+    )
+    p.add_argument("--ladder-variant", default="dense")
+    p.add_argument(
+        "--densing",
+        action="store_true",
+        help="fit L = a*N^-alpha + b*D^-beta, for a ladder that varies tokens",
+    )
+    p.add_argument(
+        "--irreducible",
+        action="store_true",
+        help="with --densing, also fit an irreducible loss term e",
+    )
+    p.add_argument("--sigma", type=float, default=1.0, help="width of reported ranges")
+    p.add_argument("--plot", type=Path, default=Path("density.png"), help="PNG to write")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(func=cmd_density)
     return parser
 
 
@@ -134,12 +289,27 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from appleslm.config import ConfigError
     from appleslm.data.corpus import DataError
+    from appleslm.density import DensityError
+    from appleslm.generate import GenerationError
+    from appleslm.io.gguf import GGUFError
+    from appleslm.io.hub import HubError
     from appleslm.io.model_dir import ModelDirError
     from appleslm.train.loop import TrainingError
 
+    expected = (
+        ConfigError,
+        DataError,
+        DensityError,
+        GenerationError,
+        GGUFError,
+        HubError,
+        ModelDirError,
+        TrainingError,
+        FileNotFoundError,
+    )
     try:
         args.func(args)
-    except (ConfigError, DataError, ModelDirError, TrainingError, FileNotFoundError) as e:
+    except expected as e:
         print(f"appleslm {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

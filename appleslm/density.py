@@ -31,10 +31,8 @@ or below the fitted floor (no dense model of any size reaches it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -901,71 +899,3 @@ def write_plot(
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(path), format="png")
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line: `appleslm density RUN_DIR... [--json]`
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `appleslm density` options, for a subcommand parser or the standalone `main`."""
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="run or model directories")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument(
-        "--params-key",
-        default="params_total",
-        help="which parameter count is N (e.g. params_non_embedding)",
-    )
-    parser.add_argument(
-        "--ladder",
-        action="append",
-        metavar="NAME",
-        help="a run in the dense ladder (repeatable); default: every run whose "
-        "variant is --ladder-variant",
-    )
-    parser.add_argument("--ladder-variant", default="dense")
-    parser.add_argument(
-        "--densing",
-        action="store_true",
-        help="fit L = a*N^-alpha + b*D^-beta, for a ladder that varies tokens",
-    )
-    parser.add_argument(
-        "--irreducible",
-        action="store_true",
-        help="with --densing, also fit an irreducible loss term e",
-    )
-    parser.add_argument("--sigma", type=float, default=1.0, help="width of reported ranges")
-    parser.add_argument("--plot", type=Path, default=Path("density.png"), help="PNG to write")
-    parser.add_argument("--no-plot", action="store_true")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    try:
-        report = density_report(
-            args.run_dirs,
-            params_key=args.params_key,
-            plot_path=None if args.no_plot else args.plot,
-            ladder=args.ladder,
-            ladder_variant=args.ladder_variant,
-            densing=args.densing,
-            irreducible=args.irreducible,
-            z=args.sigma,
-        )
-    except DensityError as exc:
-        print(f"appleslm density: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2) if args.json else format_table(report))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="appleslm density",
-        description="Effective parameter count and density of runs against a dense ladder.",
-    )
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

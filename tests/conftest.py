@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import json
+import lzma
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from appleslm.config import DataConfig, RunConfig, TrainConfig
+from appleslm.data.corpus import BUNDLED_CORPUS
 from appleslm.io import save_model_dir
 from appleslm.models import Model, ModelArgs
 
+MICRO_MODEL = dict(
+    vocab_size=512,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -78,3 +90,42 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
         tokenizer_dir=tokenizer_dir,
         provenance={"note": "random weights"},
     )
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Forty State of the Union addresses from the bundled corpus, one file each."""
+    root = tmp_path_factory.mktemp("corpus")
+    with lzma.open(BUNDLED_CORPUS, "rt") as f:
+        for i, line in zip(range(40), f):
+            (root / f"{i:03d}.txt").write_text(json.loads(line)["text"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("token-cache")
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory, corpus_dir, token_cache) -> Path:
+    """A micro model really trained for a few seconds on real text (in process)."""
+    from appleslm.train.loop import train
+
+    cfg = RunConfig(
+        model=ModelArgs(**MICRO_MODEL),
+        data=DataConfig(source=str(corpus_dir), cache_dir=str(token_cache)),
+        train=TrainConfig(
+            steps=80,
+            batch_size=8,
+            seq_len=32,
+            lr=1e-2,
+            warmup_steps=5,
+            eval_every=80,
+            eval_batches=4,
+            save_every=80,
+            log_every=80,
+        ),
+    )
+    run = train(cfg, tmp_path_factory.mktemp("runs") / "micro", progress=False)
+    return run.model_dir

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from appleslm.cli import main
 from appleslm.density import (
     DensingFit,
     DensityError,
@@ -17,7 +18,6 @@ from appleslm.density import (
     fit_power_law,
     format_table,
     load_runs,
-    main,
 )
 
 A, ALPHA, B = 400.0, 0.3, 1.8  # a plausible small-LM curve: ~3.8 nats at 1M params, ~2.4 at 100M
@@ -276,12 +276,14 @@ def test_report_densing(tmp_path):
 
 
 def test_cli_json_and_refusal(ladder_dirs, tmp_path, capsys):
-    assert main([*map(str, ladder_dirs), "--json", "--plot", str(tmp_path / "p.png")]) == 0
+    assert (
+        main(["density", *map(str, ladder_dirs), "--json", "--plot", str(tmp_path / "p.png")]) == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert {r["name"] for r in out["runs"]} >= {"lev", "ls"}
     assert (tmp_path / "p.png").exists()
 
-    assert main([*map(str, ladder_dirs[2:]), "--no-plot"]) == 2
+    assert main(["density", *map(str, ladder_dirs[2:]), "--no-plot"]) == 2
     assert "at least 4" in capsys.readouterr().err
 
 

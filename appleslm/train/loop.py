@@ -371,6 +371,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "steps": self.step,
             "data": self.data.meta,
+            "data_config": dataclasses.asdict(self.cfg.data),
             "train": dataclasses.asdict(self.cfg.train),
         }
         with tempfile.TemporaryDirectory() as tokenizer_dir:

@@ -1,38 +1,10 @@
-"""A small real corpus and a micro config, so training tests take seconds."""
+"""A micro config, so training tests take seconds."""
 
-import json
-import lzma
 from pathlib import Path
 
 import pytest
 import yaml
-
-from appleslm.data.corpus import BUNDLED_CORPUS
-
-MICRO_MODEL = dict(
-    vocab_size=512,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
-
-
-@pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory) -> Path:
-    """Forty State of the Union addresses from the bundled corpus, one file each."""
-    root = tmp_path_factory.mktemp("corpus")
-    with lzma.open(BUNDLED_CORPUS, "rt") as f:
-        for i, line in zip(range(40), f):
-            (root / f"{i:03d}.txt").write_text(json.loads(line)["text"])
-    return root
-
-
-@pytest.fixture(scope="session")
-def token_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("token-cache")
+from conftest import MICRO_MODEL
 
 
 @pytest.fixture

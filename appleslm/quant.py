@@ -1,0 +1,168 @@
+"""MLX affine quantization of a model directory, with a before/after quality report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.utils import compute_bits_per_weight, quantize_model
+
+from appleslm.config import DataConfig
+from appleslm.io.hub import resolve_model
+from appleslm.io.model_dir import (
+    ModelDirError,
+    load_model,
+    read_config,
+    read_provenance,
+    save_model_dir,
+)
+from appleslm.train.evaluate import context_length, evaluate_tokens, tokenize_text
+
+BITS = (2, 3, 4, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+RECIPES = ("uniform", "mixed")  # mixed: embedding table and output head at 8 bits
+EVAL_TOKENS = 60_000  # enough for a perplexity to 3 significant digits, fast on a CPU
+
+
+@dataclass
+class QuantReport:
+    out_dir: Path
+    bits: int
+    group_size: int
+    recipe: str
+    bits_per_weight: float
+    size_bytes: int
+    float_size_bytes: int
+    skipped: list[str] = field(default_factory=list)
+    ppl_before: float | None = None
+    ppl_after: float | None = None
+    eval_tokens: int = 0
+
+    @property
+    def ppl_change(self) -> float | None:
+        if self.ppl_before is None or self.ppl_after is None:
+            return None
+        return self.ppl_after / self.ppl_before - 1
+
+
+def weights_size(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.glob("model*.safetensors"))
+
+
+def ungroupable(model: nn.Module, group_size: int) -> list[str]:
+    """Layers that stay in float because their input dimension is not a multiple of the group."""
+    return [
+        f"{path} (input dim {module.weight.shape[-1]})"
+        for path, module in model.named_modules()
+        if hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size
+    ]
+
+
+def quant_predicate(model: nn.Module, bits: int, group_size: int, recipe: str):
+    """The model's own predicate (our generator stays float) plus the recipe's higher bits for
+    the embedding table and output head."""
+    own = getattr(model, "quant_predicate", None)
+    head_bits = max(bits, 8) if recipe == "mixed" else bits
+
+    def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
+        if own is not None and not own(path, module):
+            return False
+        if head_bits != bits and path.split(".")[-1] in ("embed_tokens", "lm_head"):
+            return {"group_size": group_size, "bits": head_bits, "mode": "affine"}
+        return True
+
+    return predicate
+
+
+def validation_tokens(model_dir: Path, tokenizer, text: str | None) -> np.ndarray | None:
+    """The user's text, else the validation split of the corpus the model was trained on."""
+    if text is not None:
+        return tokenize_text(tokenizer, text)[:EVAL_TOKENS]
+    data_config = read_provenance(model_dir).get("data_config")
+    if data_config is None:
+        return None
+    from appleslm.data import prepare_data
+
+    cfg = DataConfig(**{**data_config, "tokenizer": str(model_dir)})
+    return np.asarray(prepare_data(cfg, vocab_size=tokenizer.vocab_size).val[:EVAL_TOKENS])
+
+
+def quantize(
+    model_spec: str | Path,
+    out_dir: str | Path,
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    recipe: str = "uniform",
+    eval_text: str | None = None,
+    trust_remote_code: bool = False,
+) -> QuantReport:
+    if bits not in BITS or group_size not in GROUP_SIZES or recipe not in RECIPES:
+        raise ValueError(
+            f"bits must be one of {BITS}, group size one of {GROUP_SIZES}, recipe one of {RECIPES}"
+        )
+    model_dir = resolve_model(model_spec)
+    config = read_config(model_dir)
+    if "quantization" in config:
+        raise ModelDirError(f"{model_dir} is already quantized; quantize the float model")
+    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
+    tokens = validation_tokens(model_dir, tokenizer, eval_text)
+    seq_len = context_length(model)
+    before = evaluate_tokens(model, tokens, seq_len)["ppl"] if tokens is not None else None
+
+    skipped = ungroupable(model, group_size)
+    predicate = quant_predicate(model, bits, group_size, recipe)
+    model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
+    after = evaluate_tokens(model, tokens, seq_len)["ppl"] if tokens is not None else None
+
+    provenance = read_provenance(model_dir)
+    provenance["quantization"] = {
+        "bits": bits,
+        "group_size": group_size,
+        "recipe": recipe,
+        "mode": "affine",
+        "skipped": skipped,
+        "bits_per_weight": compute_bits_per_weight(model),
+        "val_ppl_float": before,
+        "val_ppl_quantized": after,
+        "eval_tokens": 0 if tokens is None else len(tokens),
+    }
+    out = save_model_dir(
+        out_dir, model, tokenizer_dir=model_dir, provenance=provenance, config=config
+    )
+    return QuantReport(
+        out,
+        bits,
+        group_size,
+        recipe,
+        compute_bits_per_weight(model),
+        weights_size(out),
+        weights_size(model_dir),
+        skipped,
+        before,
+        after,
+        0 if tokens is None else len(tokens),
+    )
+
+
+def format_report(report: QuantReport) -> str:
+    lines = [
+        f"quantized to {report.out_dir}: {report.bits}-bit affine, group size "
+        f"{report.group_size}, recipe {report.recipe}",
+        f"  size on disk   {report.size_bytes / 1e6:.2f} MB "
+        f"(float: {report.float_size_bytes / 1e6:.2f} MB)",
+        f"  bits/weight    {report.bits_per_weight:.3f}",
+    ]
+    if report.ppl_before is not None:
+        lines.append(
+            f"  perplexity     {report.ppl_before:.3f} -> {report.ppl_after:.3f} "
+            f"({100 * report.ppl_change:+.2f}%) on {report.eval_tokens:,} tokens"
+        )
+    else:
+        lines.append("  perplexity     not measured (no --eval-text and no training data record)")
+    for path in report.skipped:
+        lines.append(f"  kept in float: {path}, not a multiple of group size {report.group_size}")
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""Export to stock mlx-lm llama: no custom code, same logits, quantizable."""
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from conftest import tiny_args
+
+from appleslm.io import load_model, save_model_dir
+from appleslm.io.export import export_llama
+from appleslm.io.model_dir import ModelDirError, read_config
+from appleslm.models import Model
+from appleslm.quant import quantize
+
+PROMPT = mx.array([[5, 17, 42, 99, 3, 250, 7, 8, 9]])
+
+
+@pytest.mark.parametrize("variant", [
+    {},
+    {"layer_repeat": 2, "tie_word_embeddings": False},
+    {"embedding": "leviathan", "tie_word_embeddings": False, "layer_repeat": 2,
+     "generator_d_seed": 16, "generator_heads": 2, "generator_rank": 4},
+])
+def test_export_loads_in_stock_mlx_lm_with_identical_logits(variant, tmp_path, tokenizer_dir):
+    mx.random.seed(3)
+    model = Model(tiny_args(**variant))
+    source = save_model_dir(tmp_path / "ours", model, tokenizer_dir=tokenizer_dir)
+    out = export_llama(source, tmp_path / "llama")
+    config = read_config(out)
+    assert config["model_type"] == "llama" and "model_file" not in config
+    assert not (out / "appleslm_arch.py").exists()
+    assert config["num_hidden_layers"] == 2 * variant.get("layer_repeat", 1)
+    stock, tokenizer = mlx_lm.load(str(out))  # no trust_remote_code
+    assert type(stock).__module__ == "mlx_lm.models.llama"
+    assert mx.allclose(stock(PROMPT), model(PROMPT), atol=1e-5).item()
+    assert tokenizer.decode(tokenizer.encode("general welfare")) == "general welfare"
+
+
+def test_quantize_after_export(trained_model_dir, tmp_path):
+    out = export_llama(trained_model_dir, tmp_path / "llama")
+    report = quantize(out, tmp_path / "llama-q8", bits=8, group_size=32)
+    assert abs(report.ppl_change) < 0.005
+    model, _ = load_model(report.out_dir)
+    ours, _ = load_model(trained_model_dir)
+    assert mx.allclose(model(PROMPT), ours(PROMPT), atol=0.1).item()
+
+
+def test_export_refuses_what_it_cannot_export(trained_model_dir, tmp_path):
+    q = quantize(trained_model_dir, tmp_path / "q", bits=8, group_size=32).out_dir
+    with pytest.raises(ModelDirError, match="export the float model"):
+        export_llama(q, tmp_path / "x")
+    llama_dir = export_llama(trained_model_dir, tmp_path / "llama")
+    with pytest.raises(ModelDirError, match="not an appleslm model"):
+        export_llama(llama_dir, tmp_path / "y")
