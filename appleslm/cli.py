@@ -43,6 +43,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"model: {result.model_dir}   try: appleslm generate {result.model_dir} --prompt 'The'")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from appleslm.train.sweep import run_sweep
+
+    runs = run_sweep(args.sweep, out=args.out, only=args.only, progress=not args.no_progress)
+    done = [r for r in runs if r.finished]
+    print(f"{len(done)} of {len(runs)} runs finished")
+    if done:
+        print("measure them: appleslm density " + " ".join(str(r.run_dir) for r in done))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from appleslm.train.evaluate import evaluate_text
 
@@ -177,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="train a ladder of runs (resumable, run by run)")
+    p.add_argument("sweep", help="a sweep YAML file (see configs/sweeps/)")
+    p.add_argument("--out", help="folder for the runs (default: the file's `out`)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a model on a text")
     add_model_args(p)

@@ -1,0 +1,75 @@
+"""Sweeps: resumable run by run, never retraining a finished run, safe across invocations."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from appleslm.config import ConfigError
+from appleslm.train.sweep import load_sweep, run_sweep
+
+
+@pytest.fixture
+def sweep_file(tmp_path, write_config):
+    base = write_config(steps=12, eval_every=12, save_every=4)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": str(base),
+        "out": str(tmp_path / "runs"),
+        "runs": {"dense-a": {"model": {"hidden_size": 32}},
+                 "dense-b": {"model": {"hidden_size": 48, "num_attention_heads": 3,
+                                       "num_key_value_heads": 1}}},
+    }))
+    return path
+
+
+def test_a_sweep_killed_between_runs_resumes_without_retraining(sweep_file, tmp_path):
+    cmd = [sys.executable, "-m", "appleslm", "sweep", str(sweep_file), "--no-progress"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finished_a = tmp_path / "runs" / "dense-a" / "model" / "model.safetensors"
+    deadline = time.monotonic() + 180
+    while not finished_a.exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    stamp = finished_a.stat().st_mtime_ns
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "dense-a: finished, skipping" in done.stdout
+    assert "2 of 2 runs finished" in done.stdout
+    assert finished_a.stat().st_mtime_ns == stamp  # not retrained
+    runs = load_sweep(sweep_file)
+    assert all(r.finished for r in runs)
+    # Identical data, tokens and schedule for every run of the ladder.
+    assert runs[0].config.data == runs[1].config.data
+    assert runs[0].config.train == runs[1].config.train
+    assert runs[1].config.model.hidden_size == 48
+
+
+def test_a_run_locked_by_a_live_invocation_is_left_alone(sweep_file, tmp_path):
+    lock = tmp_path / "runs" / "dense-a" / ".sweep.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{socket.gethostname()} {os.getppid()}\n")
+    said = []
+    run_sweep(sweep_file, only=["dense-a"], progress=False, log=said.append)
+    assert any("locked by another invocation" in line for line in said)
+    assert not (tmp_path / "runs" / "dense-a" / "model").exists()
+
+
+def test_bad_sweep_files_are_refused(tmp_path, sweep_file):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: tiny\nrunz: {}\n")
+    with pytest.raises(ConfigError, match="unknown"):
+        load_sweep(bad)
+    bad.write_text("base: tiny\nruns: {x: {model: {hidden_sise: 3}}}\n")
+    with pytest.raises(ConfigError, match="hidden_sise"):
+        load_sweep(bad)
+    with pytest.raises(ConfigError, match="no run"):
+        run_sweep(sweep_file, only=["nope"], progress=False)
