@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         ModelDirError,
         TrainingError,
         FileNotFoundError,
+        FileExistsError,
     )
     try:
         args.func(args)
