@@ -38,7 +38,7 @@ from appleslm.train.checkpoint import latest_checkpoint, restore_checkpoint, sav
 from appleslm.train.metrics import MetricsLog, plot_losses
 from appleslm.train.optim import build_optimizer
 
-GENERATOR_BUCKET = 256  # pad a batch's distinct ids to a multiple of this: few compiled shapes
+GENERATOR_BUCKET = 64  # pad a batch's distinct ids to a multiple of this: few compiled shapes
 
 
 class TrainingError(RuntimeError):
