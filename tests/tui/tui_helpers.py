@@ -1,0 +1,44 @@
+"""Helpers for the chat app's Pilot tests (a module of its own: conftest is not importable)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from textual import events
+
+from tui.app import ChatApp
+
+
+async def wait_until(pilot, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll instead of one pause: workers run in threads and finish when they finish."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {predicate}")
+        await pilot.pause(0.02)
+    await pilot.pause()  # let a screen that just opened finish mounting its widgets
+
+
+async def ready(pilot) -> ChatApp:
+    """Wait until the app's model is loaded."""
+    app = pilot.app
+    await wait_until(pilot, lambda: app.session is not None or app.loading is None)
+    return app
+
+
+async def send(pilot, text: str) -> None:
+    """Put `text` in the prompt and press Enter, as a key event, without `pilot.press`:
+    that waits for the CPU to go idle, which it does not while a model writes."""
+    pilot.app.prompt.load_text(text)
+    press_now(pilot.app, "enter")
+    await pilot.pause(0.05)
+
+
+def press_now(app: ChatApp, key: str) -> None:
+    """Deliver a key the way the terminal driver does, and return at once."""
+    app.post_message(events.Key(key, None))
+
+
+def notifications(app: ChatApp) -> list[str]:
+    return [n.message for n in app._notifications]
