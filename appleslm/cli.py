@@ -69,15 +69,56 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from appleslm.generate import SamplingSettings, generate_text
+    from appleslm.generate import GenerationError, SamplingSettings, generate_text
     from appleslm.io import load_model
 
+    try:
+        settings = SamplingSettings(temperature=args.temp or 0.0, top_p=args.top_p, seed=args.seed)
+    except ValueError as e:
+        raise GenerationError(str(e)) from e
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    settings = SamplingSettings(temperature=args.temp or 0.0, top_p=args.top_p, seed=args.seed)
     print(args.prompt, end="", flush=True)
     for text in generate_text(model, tokenizer, args.prompt, args.max_tokens, settings):
         print(text, end="", flush=True)
     print()
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from appleslm.train.sft import SFTConfig, default_run_dir, sft
+
+    names = ("lora_rank", "lora_layers", "steps", "batch_size", "lr", "max_seq_len", "seed")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    cfg = SFTConfig(lora=args.lora, on_error=args.on_error, **given)
+    out = Path(args.out) if args.out else default_run_dir(args.model)
+    result = sft(
+        args.model,
+        args.data,
+        out,
+        cfg,
+        resume=args.resume,
+        progress=not args.no_progress,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if result.interrupted:
+        return
+    if result.val_loss_after is not None:
+        print(
+            f"held-out assistant-token loss {result.val_loss_before:.4f} -> "
+            f"{result.val_loss_after:.4f}"
+        )
+    print(f"model: {result.model_dir}   try: appleslm chat {result.model_dir}")
+
+
+def cmd_chat_data(args: argparse.Namespace) -> None:
+    from appleslm.data.chat import convert_default_data
+
+    info = convert_default_data(
+        args.out, source=args.source, val_fraction=args.val_fraction, seed=args.seed
+    )
+    print(
+        f"{info['train']:,} training / {info['valid']:,} validation conversations "
+        f"from {info['source']} in {info['out_dir']}"
+    )
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -211,6 +252,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("sft", help="fine-tune a model to chat (loss on assistant turns only)")
+    add_model_args(p)
+    p.add_argument(
+        "--data",
+        default="default",
+        help="JSONL of {'messages': [...]} or "
+        "{'prompt','completion'} records, a folder with train.jsonl (+ valid.jsonl), "
+        "or 'default' (chatterbot-corpus)",
+    )
+    p.add_argument("--out", help="run directory (default runs/<model>-chat); model in OUT/model")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters, fused at the end")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-layers", type=int, help="adapt only the last N unique blocks")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        help="longest conversation in tokens "
+        "(default: the model's context); longer ones are bad records",
+    )
+    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--on-error",
+        choices=["skip", "refuse"],
+        default="skip",
+        help="bad records: skip them (listed with line numbers) or refuse the data",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("chat-data", help="write the pip-installed chat corpus as train/valid JSONL")
+    p.add_argument("--out", required=True)
+    p.add_argument("--source", choices=["chatterbot", "chitchat"], default="chatterbot")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat_data)
+
     p = sub.add_parser("chat", help="chat with a model in the terminal UI")
     p.add_argument("model", nargs="?", help="a model directory or Hub repo id (or pick in the app)")
     p.add_argument(
@@ -312,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     from appleslm.io.hub import HubError
     from appleslm.io.model_dir import ModelDirError
     from appleslm.train.loop import TrainingError
+    from tui.store import StoreError
 
     expected = (
         ConfigError,
@@ -324,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         TrainingError,
         FileNotFoundError,
         FileExistsError,
+        StoreError,
     )
     try:
         args.func(args)
