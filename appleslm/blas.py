@@ -63,7 +63,8 @@ def blas_in_use() -> str:
             libraries = {line.split()[-1] for line in maps if ".so" in line}
     except OSError:
         libraries = set()
-    openblas = sorted(lib for lib in libraries if "openblas" in os.path.basename(lib))
+    # numpy's wheel maps its own OpenBLAS too, under renamed symbols MLX cannot use: skip it.
+    openblas = sorted(lib for lib in libraries if os.path.basename(lib).startswith("libopenblas"))
     if openblas:
         return f"OpenBLAS ({openblas[0]})"
     hint = "" if os.environ.get(SWITCH) == "reference" else "; apt install libopenblas0-pthread"
