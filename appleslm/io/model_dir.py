@@ -113,6 +113,9 @@ def save_model_dir(
             raise ModelDirError(f"no tokenizer.json in {tokenizer_dir}")
         if provenance is not None:
             (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+        from appleslm.io.card import render_model_card  # card reads config and provenance
+
+        (staging / "README.md").write_text(str(render_model_card(staging)))
     return out_dir
 
 
