@@ -115,7 +115,7 @@ def save_model_dir(
             (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         from appleslm.io.card import render_model_card  # card reads config and provenance
 
-        (staging / "README.md").write_text(str(render_model_card(staging)))
+        (staging / "README.md").write_text(str(render_model_card(staging, out_dir.name)))
     return out_dir
 
 
