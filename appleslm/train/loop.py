@@ -35,7 +35,7 @@ from appleslm.data.tokenizer import save_tokenizer
 from appleslm.io.model_dir import save_model_dir
 from appleslm.models import Model, parameter_counts
 from appleslm.train.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
-from appleslm.train.metrics import MetricsLog, plot_losses
+from appleslm.train.metrics import MetricsLog, plot_losses, train_record
 from appleslm.train.optim import build_optimizer
 
 GENERATOR_BUCKET = 64  # pad a batch's distinct ids to a multiple of this: few compiled shapes
@@ -78,6 +78,15 @@ def model_inputs(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[mx.arr
     padding = np.full((-len(unique_ids)) % GENERATOR_BUCKET, unique_ids[0])
     unique_ids = np.concatenate([unique_ids, padding])
     return mx.array(x), mx.array(y), mx.array(unique_ids), mx.array(inverse.reshape(x.shape))
+
+
+def check_finite(loss: float, grad_norm: float, step: int, checkpoints: Path, hint: str) -> None:
+    """Stop a diverged run before anything is saved, so the last checkpoint stays good."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingError(
+            f"loss became {loss} (gradient norm {grad_norm}) at step {step}; stopping without "
+            f"saving. The last good checkpoint is in {checkpoints}; {hint}."
+        )
 
 
 class StopRequest:
@@ -285,28 +294,28 @@ class Trainer:
             while self.step < tc.steps and not stop.requested:
                 loss, norm = self.train_step()
                 loss_value, norm_value = loss.item(), norm.item()
-                if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                    raise TrainingError(
-                        f"loss became {loss_value} (gradient norm {norm_value}) at step "
-                        f"{self.step + 1}; stopping without saving. The last good checkpoint is "
-                        f"in {self.checkpoints}; lower train.lr or raise train.warmup_steps."
-                    )
+                check_finite(
+                    loss_value,
+                    norm_value,
+                    self.step + 1,
+                    self.checkpoints,
+                    "lower train.lr or raise train.warmup_steps",
+                )
                 self.step += 1
                 self.tokens_seen += tokens_per_step
                 window_tokens += tokens_per_step
                 last = self.step == tc.steps
                 if self.step % tc.log_every == 0 or last:
                     elapsed = time.perf_counter() - window_start
-                    record = {
-                        "kind": "train",
-                        "step": self.step,
-                        "loss": loss_value,
-                        "grad_norm": norm_value,
-                        "lr": self.optimizer.optimizers[0].learning_rate.item(),
-                        "tokens": self.tokens_seen,
-                        "tok_per_s": window_tokens / elapsed,
-                        "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                    }
+                    record = train_record(
+                        self.step,
+                        loss_value,
+                        norm_value,
+                        self.optimizer.optimizers[0].learning_rate.item(),
+                        self.tokens_seen,
+                        window_tokens,
+                        elapsed,
+                    )
                     self.record(record)
                     bar.set_postfix(
                         loss=f"{loss_value:.3f}",

@@ -8,6 +8,30 @@ from pathlib import Path
 from typing import Any
 
 
+def train_record(
+    step: int,
+    loss: float,
+    grad_norm: float,
+    learning_rate: float,
+    tokens: int,
+    window_tokens: int,
+    elapsed: float,
+) -> dict[str, Any]:
+    """The "train" line both pretraining and fine-tuning log every `log_every` steps."""
+    import mlx.core as mx
+
+    return {
+        "kind": "train",
+        "step": step,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": learning_rate,
+        "tokens": tokens,
+        "tok_per_s": window_tokens / elapsed,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+    }
+
+
 class MetricsLog:
     def __init__(self, path: Path):
         self.path = path

@@ -52,8 +52,8 @@ from appleslm.io.model_dir import (
 )
 from appleslm.train.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from appleslm.train.evaluate import context_length
-from appleslm.train.loop import StopRequest, TrainingError, model_inputs
-from appleslm.train.metrics import MetricsLog, plot_losses
+from appleslm.train.loop import StopRequest, TrainingError, check_finite, model_inputs
+from appleslm.train.metrics import MetricsLog, plot_losses, train_record
 from appleslm.train.optim import build_optimizer
 
 
@@ -373,12 +373,7 @@ class SFTTrainer:
                 loss, norm = self.train_step(*batch_arrays(self.model, batch))
                 mx.eval(loss, norm, self.model.state, self.optimizer.state)
                 loss_value, norm_value = loss.item(), norm.item()
-                if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                    raise TrainingError(
-                        f"loss became {loss_value} (gradient norm {norm_value}) at step "
-                        f"{self.step + 1}; the last good checkpoint is in {self.checkpoints}. "
-                        "Lower --lr."
-                    )
+                check_finite(loss_value, norm_value, self.step + 1, self.checkpoints, "lower --lr")
                 self.step += 1
                 tokens = sum(len(c.ids) for c in batch)
                 self.tokens_seen += tokens
@@ -387,16 +382,15 @@ class SFTTrainer:
                 if self.step % cfg.log_every == 0 or last:
                     elapsed = time.perf_counter() - window_start
                     self.record(
-                        {
-                            "kind": "train",
-                            "step": self.step,
-                            "loss": loss_value,
-                            "grad_norm": norm_value,
-                            "lr": self.optimizer.optimizers[0].learning_rate.item(),
-                            "tokens": self.tokens_seen,
-                            "tok_per_s": window_tokens / elapsed,
-                            "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                        }
+                        train_record(
+                            self.step,
+                            loss_value,
+                            norm_value,
+                            self.optimizer.optimizers[0].learning_rate.item(),
+                            self.tokens_seen,
+                            window_tokens,
+                            elapsed,
+                        )
                     )
                     bar.set_postfix(
                         loss=f"{loss_value:.3f}", tok_s=f"{window_tokens / elapsed:.0f}"
