@@ -82,8 +82,7 @@ class SamplingSettings:
     def sampler(self) -> Callable[[mx.array], mx.array]:
         """mlx-lm's sampler for these settings (argmax when the temperature is 0)."""
         top_p = self.top_p if 0 < self.top_p < 1 else 0.0  # mlx-lm spells "off" as 0.0
-        return make_sampler(temp=self.temperature, top_p=top_p,
-                            min_p=self.min_p, top_k=self.top_k)
+        return make_sampler(temp=self.temperature, top_p=top_p, min_p=self.min_p, top_k=self.top_k)
 
     def logits_processors(self) -> list[Callable[[mx.array, mx.array], mx.array]]:
         penalty = self.repetition_penalty if self.repetition_penalty != 1.0 else None
@@ -93,8 +92,9 @@ class SamplingSettings:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None,
-                  default: SamplingSettings | None = None) -> SamplingSettings:
+    def from_dict(
+        cls, values: Mapping[str, Any] | None, default: SamplingSettings | None = None
+    ) -> SamplingSettings:
         """Settings from stored JSON; unknown keys are ignored so old records keep loading."""
         base = dataclasses.asdict(default or cls())
         names = {f.name for f in dataclasses.fields(cls)}
@@ -121,13 +121,19 @@ class Stats:
     finish_reason: str | None = None
 
     @classmethod
-    def from_response(cls, response: GenerationResponse, *, ttft: float,
-                      cached_tokens: int = 0) -> Stats:
-        return cls(ttft=ttft, prompt_tokens=response.prompt_tokens, cached_tokens=cached_tokens,
-                   prompt_tps=response.prompt_tps,
-                   generation_tokens=response.generation_tokens,
-                   generation_tps=response.generation_tps, peak_memory=response.peak_memory,
-                   finish_reason=response.finish_reason)
+    def from_response(
+        cls, response: GenerationResponse, *, ttft: float, cached_tokens: int = 0
+    ) -> Stats:
+        return cls(
+            ttft=ttft,
+            prompt_tokens=response.prompt_tokens,
+            cached_tokens=cached_tokens,
+            prompt_tps=response.prompt_tps,
+            generation_tokens=response.generation_tokens,
+            generation_tps=response.generation_tps,
+            peak_memory=response.peak_memory,
+            finish_reason=response.finish_reason,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,9 +145,11 @@ class Stats:
 
     def summary(self) -> str:
         """One line for a footer or a log: the same figures mlx-lm's chat prints."""
-        return (f"TTFT {self.ttft:.2f}s · prompt {self.prompt_tps:.1f} tok/s · "
-                f"gen {self.generation_tps:.1f} tok/s · {self.generation_tokens} tok · "
-                f"peak {self.peak_memory:.2f} GB")
+        return (
+            f"TTFT {self.ttft:.2f}s · prompt {self.prompt_tps:.1f} tok/s · "
+            f"gen {self.generation_tps:.1f} tok/s · {self.generation_tokens} tok · "
+            f"peak {self.peak_memory:.2f} GB"
+        )
 
 
 def context_length(model: Any) -> int | None:
@@ -159,7 +167,8 @@ def _is_out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and any(
-        word in text for word in ("out of memory", "malloc", "allocat", "bad_alloc"))
+        word in text for word in ("out of memory", "malloc", "allocat", "bad_alloc")
+    )
 
 
 def stream_tokens(
@@ -188,10 +197,15 @@ def stream_tokens(
         mx.random.seed(settings.seed)
     mx.reset_peak_memory()
     responses = stream_generate(
-        model, tokenizer, prompt if isinstance(prompt, str) else list(prompt),
-        max_tokens=max_tokens or settings.max_tokens, sampler=settings.sampler(),
-        logits_processors=settings.logits_processors(), prompt_cache=prompt_cache,
-        prefill_step_size=PREFILL_STEP, prompt_progress_callback=on_progress,
+        model,
+        tokenizer,
+        prompt if isinstance(prompt, str) else list(prompt),
+        max_tokens=max_tokens or settings.max_tokens,
+        sampler=settings.sampler(),
+        logits_processors=settings.logits_processors(),
+        prompt_cache=prompt_cache,
+        prefill_step_size=PREFILL_STEP,
+        prompt_progress_callback=on_progress,
     )
     try:
         for response in responses:
@@ -206,7 +220,8 @@ def stream_tokens(
         if _is_out_of_memory(e):
             raise OutOfMemoryError(
                 "Out of memory while generating. Try a smaller or quantized model, a shorter "
-                f"conversation or fewer max tokens. ({e})") from e
+                f"conversation or fewer max tokens. ({e})"
+            ) from e
         raise
     finally:
         responses.close()
@@ -256,11 +271,11 @@ class ChatSession:
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         if self.chat_mode:
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        text = "".join(
-            m["content"] + ("\n\n" if m["role"] == "system" else "") for m in messages)
+        text = "".join(m["content"] + ("\n\n" if m["role"] == "system" else "") for m in messages)
         bos = getattr(self.tokenizer, "bos_token", None)
-        return list(self.tokenizer.encode(text, add_special_tokens=bos is None or
-                                          not text.startswith(bos)))
+        return list(
+            self.tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
+        )
 
     def stream(
         self,
@@ -281,7 +296,8 @@ class ChatSession:
             if limit is not None and len(ids) >= limit:
                 raise PromptTooLongError(
                     f"The prompt is {len(ids):,} tokens but the model's context is "
-                    f"{limit:,} tokens. Start a new conversation or shorten the messages.")
+                    f"{limit:,} tokens. Start a new conversation or shorten the messages."
+                )
             keep = self._reuse(ids)
             max_tokens = settings.max_tokens
             if limit is not None:
@@ -290,9 +306,15 @@ class ChatSession:
             generated: list[int] = []
             ttft = None
             finished = False
-            responses = stream_tokens(self.model, self.tokenizer, ids[keep:], settings,
-                                      max_tokens=max_tokens, prompt_cache=self._cache,
-                                      should_stop=should_stop)
+            responses = stream_tokens(
+                self.model,
+                self.tokenizer,
+                ids[keep:],
+                settings,
+                max_tokens=max_tokens,
+                prompt_cache=self._cache,
+                should_stop=should_stop,
+            )
             try:
                 for response in responses:
                     ttft = ttft if ttft is not None else time.perf_counter() - start
@@ -376,8 +398,9 @@ def generate_text(
     ids = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
     limit = context_length(model)
     if limit is not None and len(ids) >= limit:
-        raise PromptTooLongError(f"The prompt is {len(ids):,} tokens but the model's context "
-                                 f"is {limit:,} tokens.")
+        raise PromptTooLongError(
+            f"The prompt is {len(ids):,} tokens but the model's context is {limit:,} tokens."
+        )
     if limit is not None:
         max_tokens = min(max_tokens, limit - len(ids))
     return TextStream(stream_tokens(model, tokenizer, ids, settings, max_tokens=max_tokens))

@@ -37,8 +37,9 @@ def headless(model, tokenizer, ids: list[int], max_tokens: int) -> tuple[float, 
     """(generation tok/s, tokens, ttft s) of mlx-lm alone."""
     start = time.perf_counter()
     ttft, last = None, None
-    for response in stream_generate(model, tokenizer, ids, max_tokens=max_tokens,
-                                    prompt_cache=make_prompt_cache(model)):
+    for response in stream_generate(
+        model, tokenizer, ids, max_tokens=max_tokens, prompt_cache=make_prompt_cache(model)
+    ):
         ttft = ttft if ttft is not None else time.perf_counter() - start
         last = response
     return last.generation_tps, last.generation_tokens, ttft
@@ -61,13 +62,21 @@ async def bench(args: argparse.Namespace) -> None:
     messages = [{"role": "user", "content": args.prompt}]
     ids = ChatSession(model, tokenizer).render(messages)
     home = tempfile.mkdtemp(prefix="bench-tui-")
-    app = ChatApp(args.model, home=home, settings=SamplingSettings(max_tokens=args.max_tokens),
-                  model_roots=[], hub_cache=False, pick_model_on_start=False)
+    app = ChatApp(
+        args.model,
+        home=home,
+        settings=SamplingSettings(max_tokens=args.max_tokens),
+        model_roots=[],
+        hub_cache=False,
+        pick_model_on_start=False,
+    )
     async with app.run_test(size=(args.width, args.height)) as pilot:
         while app.session is None:
             await pilot.pause(0.05)
-        print(f"model {args.model}: prompt {len(ids)} tokens, up to {args.max_tokens} new, "
-              f"{args.runs} paired runs (+1 warm-up), terminal {args.width}x{args.height}")
+        print(
+            f"model {args.model}: prompt {len(ids)} tokens, up to {args.max_tokens} new, "
+            f"{args.runs} paired runs (+1 warm-up), terminal {args.width}x{args.height}"
+        )
         headless(model, tokenizer, ids, args.max_tokens)  # warm-up: compile, caches
         await in_app(app, pilot, args.prompt)
         rows = []
@@ -79,16 +88,22 @@ async def bench(args: argparse.Namespace) -> None:
                 a = await in_app(app, pilot, args.prompt)
                 h = headless(model, tokenizer, ids, args.max_tokens)
             rows.append((h, a))
-            print(f"  run {run + 1}: headless {h[0]:8.1f} tok/s ({h[1]} tok)   "
-                  f"app {a[0]:8.1f} tok/s ({a[1]} tok)   ratio {a[0] / h[0]:.3f}")
+            print(
+                f"  run {run + 1}: headless {h[0]:8.1f} tok/s ({h[1]} tok)   "
+                f"app {a[0]:8.1f} tok/s ({a[1]} tok)   ratio {a[0] / h[0]:.3f}"
+            )
     head = statistics.median(h[0] for h, _ in rows)
     app_tps = statistics.median(a[0] for _, a in rows)
     ratio = statistics.median(a[0] / h[0] for h, a in rows)
-    print(f"median generation tok/s: headless {head:.1f}, app {app_tps:.1f}; "
-          f"median paired ratio {ratio:.3f} → UI cost {100 * (1 - ratio):+.1f}% "
-          f"({'within' if ratio >= 0.97 else 'OVER'} the 3% budget)")
-    print(f"median TTFT: headless {statistics.median(h[2] for h, _ in rows):.3f}s, "
-          f"app {statistics.median(a[2] for _, a in rows):.3f}s")
+    print(
+        f"median generation tok/s: headless {head:.1f}, app {app_tps:.1f}; "
+        f"median paired ratio {ratio:.3f} → UI cost {100 * (1 - ratio):+.1f}% "
+        f"({'within' if ratio >= 0.97 else 'OVER'} the 3% budget)"
+    )
+    print(
+        f"median TTFT: headless {statistics.median(h[2] for h, _ in rows):.3f}s, "
+        f"app {statistics.median(a[2] for _, a in rows):.3f}s"
+    )
 
 
 def main() -> None:

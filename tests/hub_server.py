@@ -63,8 +63,9 @@ class Repo:
 class HttpError(Exception):
     """An HTTP error answer, raised inside a handler."""
 
-    def __init__(self, status: int, message: str, code: str | None = None,
-                 body: dict[str, Any] | None = None):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, body: dict[str, Any] | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
         self.body = body or {}  # extra JSON fields (a 409 carries the existing repo's url)
@@ -88,8 +89,9 @@ class HubServer:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> HubServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -180,15 +182,27 @@ class HubServer:
                 raise HttpError(400, f"unsupported commit operation {key!r}")
         hub_repo.files = files
         sha = self.new_commit(hub_repo, summary)
-        return {"commitUrl": f"{self.url}/{repo}/commit/{sha}", "commitOid": sha,
-                "pullRequestUrl": None}
+        return {
+            "commitUrl": f"{self.url}/{repo}/commit/{sha}",
+            "commitOid": sha,
+            "pullRequestUrl": None,
+        }
 
     def revision(self, req: Request, repo: str, rev: str = "main") -> Any:
         hub_repo = self.repo(repo, authorized=req.authorized)
         sha = self.revision_of(hub_repo, rev)
-        return {"id": repo, "modelId": repo, "sha": sha, "private": hub_repo.private,
-                "gated": hub_repo.gated, "disabled": False, "tags": [], "downloads": 0, "likes": 0,
-                "siblings": [{"rfilename": path} for path in sorted(hub_repo.files)]}
+        return {
+            "id": repo,
+            "modelId": repo,
+            "sha": sha,
+            "private": hub_repo.private,
+            "gated": hub_repo.gated,
+            "disabled": False,
+            "tags": [],
+            "downloads": 0,
+            "likes": 0,
+            "siblings": [{"rfilename": path} for path in sorted(hub_repo.files)],
+        }
 
     def tree(self, req: Request, repo: str, rev: str, path: str | None = None) -> Any:
         hub_repo = self.repo(repo, authorized=req.authorized)
@@ -199,13 +213,14 @@ class HubServer:
         for name in sorted(hub_repo.files):
             if not name.startswith(prefix):
                 continue
-            rest = name[len(prefix):]
+            rest = name[len(prefix) :]
             if "/" in rest and not recursive:
                 folders.add(prefix + rest.split("/")[0])
                 continue
             data = hub_repo.files[name]
-            entries.append({"type": "file", "path": name, "size": len(data),
-                            "oid": git_blob_sha1(data)})
+            entries.append(
+                {"type": "file", "path": name, "size": len(data), "oid": git_blob_sha1(data)}
+            )
         if prefix and not entries and not folders:
             raise HttpError(404, f"{path} does not exist", "EntryNotFound")
         dirs = [{"type": "directory", "path": f, "oid": "0" * 40} for f in sorted(folders)]
@@ -218,8 +233,11 @@ class HubServer:
         if name not in hub_repo.files:
             raise HttpError(404, "Entry not found", "EntryNotFound")
         data = hub_repo.files[name]
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha1(data)}"',
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{git_blob_sha1(data)}"',
+            "Content-Type": "application/octet-stream",
+        }
         return Raw(data, headers)
 
 
@@ -303,11 +321,14 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 for route_method, pattern, name in ROUTES:
                     match = re.fullmatch(pattern, parts.path)
                     if route_method == method and match:
-                        request = Request(method, parts.path, parse_qs(parts.query), body,
-                                          authorized)
+                        request = Request(
+                            method, parts.path, parse_qs(parts.query), body, authorized
+                        )
                         with hub.lock:  # one request at a time touches the repos
-                            result = getattr(hub, name)(request, **{
-                                k: v for k, v in match.groupdict().items() if v is not None})
+                            result = getattr(hub, name)(
+                                request,
+                                **{k: v for k, v in match.groupdict().items() if v is not None},
+                            )
                         break
                 else:
                     raise HttpError(404, f"no route for {method} {parts.path}")
@@ -323,8 +344,12 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if isinstance(result, Raw):
                 self._send(200, result.data, result.headers, head=method == "HEAD")
             else:
-                self._send(200, json.dumps(result).encode(),
-                           {"Content-Type": "application/json"}, head=method == "HEAD")
+                self._send(
+                    200,
+                    json.dumps(result).encode(),
+                    {"Content-Type": "application/json"},
+                    head=method == "HEAD",
+                )
 
         def _send(self, status: int, data: bytes, headers: dict[str, str], *, head: bool) -> None:
             self.send_response(status, HTTPStatus(status).phrase)
@@ -358,10 +383,14 @@ def isolate_hub_client(monkeypatch: Any, root: Path, endpoint: str | None = None
         monkeypatch.delenv(name, raising=False)
     if endpoint is not None:
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    for name, value in (("HF_HOME", root), ("HF_HUB_CACHE", root / "hub"),
-                        ("HF_XET_CACHE", root / "xet"), ("HF_TOKEN_PATH", root / "token"),
-                        ("HF_STORED_TOKENS_PATH", root / "stored_tokens"),
-                        ("HF_HUB_OFFLINE", False)):
+    for name, value in (
+        ("HF_HOME", root),
+        ("HF_HUB_CACHE", root / "hub"),
+        ("HF_XET_CACHE", root / "xet"),
+        ("HF_TOKEN_PATH", root / "token"),
+        ("HF_STORED_TOKENS_PATH", root / "stored_tokens"),
+        ("HF_HUB_OFFLINE", False),
+    ):
         if hasattr(constants, name):
             monkeypatch.setattr(constants, name, value if isinstance(value, bool) else str(value))
 

@@ -17,14 +17,19 @@ def run(env_choice: str | None) -> str:
     if env_choice is not None:
         env["APPLESLM_BLAS"] = env_choice
     # The re-exec happens in the CLI's main(); emulate it on a tiny script via the same function.
-    code = ("import sys; from appleslm.blas import reexec_with_openblas; "
-            f"reexec_with_openblas([sys.executable, '-c', {REPORT!r}]); exec({REPORT!r})")
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, check=True).stdout
+    code = (
+        "import sys; from appleslm.blas import reexec_with_openblas; "
+        f"reexec_with_openblas([sys.executable, '-c', {REPORT!r}]); exec({REPORT!r})"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or find_openblas() is None,
-                    reason="needs Linux with OpenBLAS installed")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or find_openblas() is None,
+    reason="needs Linux with OpenBLAS installed",
+)
 def test_openblas_is_preloaded_by_default_and_can_be_turned_off():
     assert run(None).startswith("OpenBLAS (")
     assert run("reference").startswith("reference BLAS")

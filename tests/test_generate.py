@@ -41,13 +41,17 @@ def reply_text(session: ChatSession, messages, settings=GREEDY) -> str:
 def test_cache_reuse_matches_a_fresh_encoding_of_the_whole_history(loaded):
     model, tokenizer = loaded
     session = ChatSession(model, tokenizer)
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "The Congress shall have power"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "The Congress shall have power"},
+    ]
     reused: list[int] = []
     for turn, question in enumerate(["", "to lay taxes", "and the general welfare"]):
         if question:
-            messages += [{"role": "assistant", "content": tokenizer.decode(reused)},
-                         {"role": "user", "content": question}]
+            messages += [
+                {"role": "assistant", "content": tokenizer.decode(reused)},
+                {"role": "user", "content": question},
+            ]
         reused = tokens(session, messages)
         assert reused == tokens(ChatSession(model, tokenizer), messages)
         if turn:  # the history was not read again: only the new turn was prefilled
@@ -86,13 +90,16 @@ def test_stop_keeps_the_partial_reply_and_a_consistent_cache(loaded):
     session = ChatSession(model, tokenizer)
     messages = [{"role": "user", "content": "The Congress"}]
     seen: list[int] = []
-    for response in session.stream(messages, SamplingSettings(max_tokens=50),
-                                   should_stop=lambda: len(seen) >= 3):
+    for response in session.stream(
+        messages, SamplingSettings(max_tokens=50), should_stop=lambda: len(seen) >= 3
+    ):
         seen.append(response.token)
     assert len(seen) == 3
     assert session.cached_tokens == len(session.render(messages)) + 3
-    follow_up = messages + [{"role": "assistant", "content": tokenizer.decode(seen)},
-                            {"role": "user", "content": "taxes"}]
+    follow_up = messages + [
+        {"role": "assistant", "content": tokenizer.decode(seen)},
+        {"role": "user", "content": "taxes"},
+    ]
     assert tokens(session, follow_up) == tokens(ChatSession(model, tokenizer), follow_up)
 
 
@@ -102,17 +109,26 @@ def test_stop_during_prefill_abandons_the_prompt(loaded, monkeypatch):
     session = ChatSession(model, tokenizer)
     messages = [{"role": "user", "content": "the general welfare of the United States " * 4}]
     calls = []
-    assert tokens(session, messages, should_stop=lambda: bool(calls.append(1)) or
-                  len(calls) > 2) == []
+    assert (
+        tokens(session, messages, should_stop=lambda: bool(calls.append(1)) or len(calls) > 2) == []
+    )
     assert 0 < session.cached_tokens < len(session.render(messages))
     assert tokens(session, messages) == tokens(ChatSession(model, tokenizer), messages)
 
 
 def test_prompt_longer_than_the_context_is_a_clear_error(tmp_path, tokenizer_dir):
     mx.random.seed(0)
-    small = Model(ModelArgs(vocab_size=300, hidden_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=128, max_position_embeddings=32))
+    small = Model(
+        ModelArgs(
+            vocab_size=300,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=32,
+        )
+    )
     path = save_model_dir(tmp_path / "small", small, tokenizer_dir=tokenizer_dir)
     model, tokenizer = load_model(path)
     session = ChatSession(model, tokenizer)
@@ -132,14 +148,26 @@ def test_stats_are_the_generation_response_fields(loaded):
     messages = [{"role": "user", "content": "The Congress shall have power"}]
     for response in session.stream(messages, GREEDY):
         stats = session.stats
-        assert (stats.prompt_tokens, stats.prompt_tps, stats.generation_tokens,
-                stats.generation_tps, stats.peak_memory, stats.finish_reason) == (
-            response.prompt_tokens, response.prompt_tps, response.generation_tokens,
-            response.generation_tps, response.peak_memory, response.finish_reason)
+        assert (
+            stats.prompt_tokens,
+            stats.prompt_tps,
+            stats.generation_tokens,
+            stats.generation_tps,
+            stats.peak_memory,
+            stats.finish_reason,
+        ) == (
+            response.prompt_tokens,
+            response.prompt_tps,
+            response.generation_tokens,
+            response.generation_tps,
+            response.peak_memory,
+            response.finish_reason,
+        )
         assert stats.ttft >= response.prompt_tokens / response.prompt_tps * 0.99
     assert stats.generation_tokens == GREEDY.max_tokens and stats.finish_reason == "length"
-    headless = list(stream_generate(model, tokenizer, session.render(messages),
-                                    max_tokens=GREEDY.max_tokens))
+    headless = list(
+        stream_generate(model, tokenizer, session.render(messages), max_tokens=GREEDY.max_tokens)
+    )
     assert [r.token for r in session.stream(messages, GREEDY)] == [r.token for r in headless]
     assert Stats.from_dict(stats.to_dict()) == stats
 
@@ -148,11 +176,17 @@ def test_sampling_settings_map_to_mlx_lm(monkeypatch):
     seen = {}
     monkeypatch.setattr(generate, "make_sampler", lambda **kw: seen.update(kw) or "sampler")
     monkeypatch.setattr(generate, "make_logits_processors", lambda **kw: seen.update(kw) or [])
-    settings = SamplingSettings(temperature=0.8, top_p=0.9, top_k=40, min_p=0.05,
-                                repetition_penalty=1.3)
+    settings = SamplingSettings(
+        temperature=0.8, top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.3
+    )
     assert settings.sampler() == "sampler" and settings.logits_processors() == []
-    assert seen == {"temp": 0.8, "top_p": 0.9, "min_p": 0.05, "top_k": 40,
-                    "repetition_penalty": 1.3}
+    assert seen == {
+        "temp": 0.8,
+        "top_p": 0.9,
+        "min_p": 0.05,
+        "top_k": 40,
+        "repetition_penalty": 1.3,
+    }
     SamplingSettings().logits_processors()
     assert seen["repetition_penalty"] is None and SamplingSettings().sampler() == "sampler"
     assert seen["top_p"] == 0.0  # 1.0 means off, which mlx-lm spells 0.0
@@ -183,8 +217,10 @@ def test_plain_completion_without_a_chat_template(tmp_path, tiny_model_dir):
     model, tokenizer = load_model(base)
     session = ChatSession(model, tokenizer)
     assert not session.chat_mode
-    messages = [{"role": "system", "content": "A speech."},
-                {"role": "user", "content": "The Congress shall"}]
+    messages = [
+        {"role": "system", "content": "A speech."},
+        {"role": "user", "content": "The Congress shall"},
+    ]
     assert session.render(messages) == tokenizer.encode("A speech.\n\nThe Congress shall")
     assert len(tokens(session, messages)) == GREEDY.max_tokens
 
@@ -232,8 +268,10 @@ def test_a_real_chat_model_remembers_the_conversation(tmp_path):
     messages = [{"role": "user", "content": "What is the capital of France? One sentence."}]
     first = reply_text(session, messages)
     assert "Paris" in first and session.stats.finish_reason == "stop"
-    messages += [{"role": "assistant", "content": first},
-                 {"role": "user", "content": "And of Germany?"}]
+    messages += [
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And of Germany?"},
+    ]
     second = reply_text(session, messages, settings)
     assert "Berlin" in second
     assert session.stats.cached_tokens > session.stats.prompt_tokens  # history not re-read

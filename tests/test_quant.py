@@ -76,8 +76,13 @@ def test_mixed_recipe_keeps_embedding_at_eight_bits(trained_model_dir, tmp_path)
 
 
 def test_user_text_and_bad_requests(trained_model_dir, quantized_8bit, corpus_dir, tmp_path):
-    report = quantize(trained_model_dir, tmp_path / "q", bits=8, group_size=32,
-                      eval_text=str(corpus_dir / "001.txt"))
+    report = quantize(
+        trained_model_dir,
+        tmp_path / "q",
+        bits=8,
+        group_size=32,
+        eval_text=str(corpus_dir / "001.txt"),
+    )
     assert report.eval_tokens > 500 and report.ppl_before > 1
     with pytest.raises(ModelDirError, match="already quantized"):
         quantize(quantized_8bit.out_dir, tmp_path / "again")

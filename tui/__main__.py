@@ -11,5 +11,10 @@ parser.add_argument("--temp", type=float, default=None)
 parser.add_argument("--max-tokens", type=int, default=None)
 parser.add_argument("--trust-remote-code", action="store_true")
 args = parser.parse_args()
-run_chat(args.model, system_prompt=args.system_prompt, temperature=args.temp,
-         max_tokens=args.max_tokens, trust_remote_code=args.trust_remote_code)
+run_chat(
+    args.model,
+    system_prompt=args.system_prompt,
+    temperature=args.temp,
+    max_tokens=args.max_tokens,
+    trust_remote_code=args.trust_remote_code,
+)

@@ -86,8 +86,9 @@ class ChatApp(ConversationActions, App):
         self.session: ChatSession | None = None
         self.loading: str | None = None
         self.trust_remote_code = trust_remote_code
-        self.model_roots = list(model_roots) if model_roots is not None \
-            else default_roots(self.home)
+        self.model_roots = (
+            list(model_roots) if model_roots is not None else default_roots(self.home)
+        )
         self.hub_cache = hub_cache
         self.default_system_prompt = system_prompt
         self.default_settings = settings or CHAT_DEFAULTS
@@ -156,8 +157,9 @@ class ChatApp(ConversationActions, App):
             session = self.session
             mode = "chat template" if session.chat_mode else "plain completion (no chat template)"
             context = f"context {session.context_length:,}" if session.context_length else ""
-            self.speed.show_status(" · ".join(filter(None, [
-                label(self.model_spec or ""), mode, context])))
+            self.speed.show_status(
+                " · ".join(filter(None, [label(self.model_spec or ""), mode, context]))
+            )
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # The footer must fit 80 columns: Stop shows only while it can act, Regen/Edit hide
@@ -172,21 +174,42 @@ class ChatApp(ConversationActions, App):
         yield from super().get_system_commands(screen)
         commands = [
             ("New conversation", "Start an empty conversation (ctrl+n)", self.action_new_chat),
-            ("Conversations", "Open, rename, delete or export conversations (ctrl+o)",
-             self.action_conversations),
-            ("Switch model", "Pick a local model or one from the Hugging Face cache (ctrl+l)",
-             self.action_pick_model),
-            ("Settings", "System prompt and sampling for this conversation (ctrl+s)",
-             self.action_settings),
-            ("Regenerate last reply", "Write the last reply again (ctrl+r)",
-             self.action_regenerate),
-            ("Edit last message", "Edit and resend your last message (ctrl+e)",
-             self.action_edit_last),
+            (
+                "Conversations",
+                "Open, rename, delete or export conversations (ctrl+o)",
+                self.action_conversations,
+            ),
+            (
+                "Switch model",
+                "Pick a local model or one from the Hugging Face cache (ctrl+l)",
+                self.action_pick_model,
+            ),
+            (
+                "Settings",
+                "System prompt and sampling for this conversation (ctrl+s)",
+                self.action_settings,
+            ),
+            (
+                "Regenerate last reply",
+                "Write the last reply again (ctrl+r)",
+                self.action_regenerate,
+            ),
+            (
+                "Edit last message",
+                "Edit and resend your last message (ctrl+e)",
+                self.action_edit_last,
+            ),
             ("Stop reply", "Stop the reply being written (esc)", self.action_stop),
-            ("Copy last reply", "Copy the last reply to the clipboard (ctrl+y)",
-             self.action_copy_reply),
-            ("Copy last code block", "Copy the last code block of the conversation",
-             self.action_copy_code),
+            (
+                "Copy last reply",
+                "Copy the last reply to the clipboard (ctrl+y)",
+                self.action_copy_reply,
+            ),
+            (
+                "Copy last code block",
+                "Copy the last code block of the conversation",
+                self.action_copy_code,
+            ),
             ("Rename conversation", "Give this conversation a title", self.action_rename),
             ("Export conversation", "Save this conversation as Markdown", self.action_export),
             ("Delete conversation", "Delete this conversation", self.action_delete),
@@ -230,8 +253,9 @@ class ChatApp(ConversationActions, App):
             return
         self.session, self.model_spec = message.session, message.spec
         self.speed.stats = None
-        recent = [message.spec] + [s for s in self.store.get_pref("recent_models", [])
-                                   if s != message.spec]
+        recent = [message.spec] + [
+            s for s in self.store.get_pref("recent_models", []) if s != message.spec
+        ]
         self.store.set_pref("recent_models", recent[:RECENT_MODELS])
         self.store.set_pref("last_model", message.spec)
         if self.conversation is not None:
@@ -241,24 +265,28 @@ class ChatApp(ConversationActions, App):
         self.refresh_bindings()
 
     def model_entries(self) -> list[ModelEntry]:
-        return list_models(self.model_roots, recent=self.store.get_pref("recent_models", []),
-                           hub_cache=self.hub_cache)
+        return list_models(
+            self.model_roots,
+            recent=self.store.get_pref("recent_models", []),
+            hub_cache=self.hub_cache,
+        )
 
     def action_pick_model(self) -> None:
         def picked(spec: str | None) -> None:
             if spec:
                 self.load(spec)
 
-        self.push_screen(ModelPickerScreen(self.model_entries(), current=self.model_spec),
-                         picked)
+        self.push_screen(ModelPickerScreen(self.model_entries(), current=self.model_spec), picked)
 
     # the conversation's messages
 
     def messages_for_model(self) -> list[dict[str, str]]:
-        messages = [{"role": "system", "content": self.system_prompt}] \
-            if self.system_prompt else []
-        messages += [{"role": m.role, "content": m.content} for m in self.history
-                     if m.role in ("user", "assistant")]
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages += [
+            {"role": m.role, "content": m.content}
+            for m in self.history
+            if m.role in ("user", "assistant")
+        ]
         return messages
 
     # sending and replies
@@ -273,12 +301,15 @@ class ChatApp(ConversationActions, App):
         if not text:
             return
         if self.generating:
-            self.notify("A reply is being written: wait, or stop it with esc",
-                        severity="warning")
+            self.notify("A reply is being written: wait, or stop it with esc", severity="warning")
             return
         if self.session is None:
-            self.notify("Loading the model, one moment" if self.loading else
-                        "No model loaded: press ctrl+l to pick one", severity="warning")
+            self.notify(
+                "Loading the model, one moment"
+                if self.loading
+                else "No model loaded: press ctrl+l to pick one",
+                severity="warning",
+            )
             return
         if self.editing is not None:
             await self._drop_from(self.editing)
@@ -286,8 +317,11 @@ class ChatApp(ConversationActions, App):
         if self.conversation is None:
             title = text.splitlines()[0][:48]
             self.conversation = self.store.create_conversation(
-                title, model=self.model_spec, system_prompt=self.system_prompt,
-                settings=self.settings.to_dict())
+                title,
+                model=self.model_spec,
+                system_prompt=self.system_prompt,
+                settings=self.settings.to_dict(),
+            )
             self.store.set_pref("last_conversation", self.conversation.id)
             self.update_titles()
         message = self.store.add_message(self.conversation.id, "user", text)
@@ -299,12 +333,12 @@ class ChatApp(ConversationActions, App):
     async def start_reply(self) -> None:
         assert self.session is not None and self.conversation is not None
         messages = self.messages_for_model()
-        stored = self.store.add_message(self.conversation.id, "assistant", "",
-                                        status="streaming")
+        stored = self.store.add_message(self.conversation.id, "assistant", "", status="streaming")
         self.history.append(stored)
         self.reply = ReplyBuffer(stored.id)
         self.reply_item = await self.chat_log.add(
-            MessageItem("assistant", "", status="streaming", message_id=stored.id))
+            MessageItem("assistant", "", status="streaming", message_id=stored.id)
+        )
         self.speed.show_status("Reading the prompt…")
         self._last_save = time.monotonic()
         self._drain_timer = self.set_interval(DRAIN_INTERVAL, self._drain)
@@ -312,13 +346,17 @@ class ChatApp(ConversationActions, App):
         self._generate(self.session, messages, self.settings, self.reply)
 
     @work(thread=True, group="reply", exit_on_error=False)
-    def _generate(self, session: ChatSession, messages: list[dict[str, str]],
-                  settings: SamplingSettings, buffer: ReplyBuffer) -> None:
+    def _generate(
+        self,
+        session: ChatSession,
+        messages: list[dict[str, str]],
+        settings: SamplingSettings,
+        buffer: ReplyBuffer,
+    ) -> None:
         """The generation thread: stream tokens into `buffer`, then tell the UI."""
         error = None
         try:
-            for response in session.stream(messages, settings,
-                                           should_stop=buffer.stop_requested):
+            for response in session.stream(messages, settings, should_stop=buffer.stop_requested):
                 buffer.push(response.text, session.stats)
         except GenerationError as e:
             error = str(e)
@@ -361,8 +399,9 @@ class ChatApp(ConversationActions, App):
         else:
             stored.content, stored.status = buffer.text, status
             stored.stats = stats.to_dict() if stats else None
-            self.store.update_message(stored.id, content=buffer.text, status=status,
-                                      stats=stored.stats)
+            self.store.update_message(
+                stored.id, content=buffer.text, status=status, stats=stored.stats
+            )
             await item.finish(buffer.text, status, stats)
         if buffer.error:
             await self.chat_log.add(MessageItem("error", buffer.error))
@@ -456,8 +495,12 @@ class ChatApp(ConversationActions, App):
         buffer.request_stop()
         buffer.done.wait(timeout)
         buffer.take()
-        self.store.update_message(buffer.message_id, content=buffer.text, status="stopped",
-                                  stats=buffer.stats.to_dict() if buffer.stats else None)
+        self.store.update_message(
+            buffer.message_id,
+            content=buffer.text,
+            status="stopped",
+            stats=buffer.stats.to_dict() if buffer.stats else None,
+        )
 
     async def action_quit(self) -> None:
         self.stop_generation()
@@ -484,8 +527,13 @@ def run_chat(
     if max_tokens is not None:
         overrides["max_tokens"] = max_tokens
     settings = SamplingSettings.from_dict(overrides, CHAT_DEFAULTS)
-    ChatApp(model, system_prompt=system_prompt, settings=settings, home=home,
-            trust_remote_code=trust_remote_code).run()
+    ChatApp(
+        model,
+        system_prompt=system_prompt,
+        settings=settings,
+        home=home,
+        trust_remote_code=trust_remote_code,
+    ).run()
 
 
 __all__ = ["CHAT_DEFAULTS", "ChatApp", "run_chat"]

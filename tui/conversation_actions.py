@@ -24,8 +24,7 @@ class ConversationActions:
         self.conversation = conversation
         self.system_prompt = conversation.system_prompt
         try:
-            self.settings = SamplingSettings.from_dict(conversation.settings,
-                                                       self.default_settings)
+            self.settings = SamplingSettings.from_dict(conversation.settings, self.default_settings)
         except ValueError:
             self.settings = self.default_settings
         self.history = self.store.messages(conversation_id)
@@ -33,13 +32,21 @@ class ConversationActions:
         await self.chat_log.clear()
         for message in self.history:
             stats = Stats.from_dict(message.stats) if message.stats else None
-            await self.chat_log.add(MessageItem(message.role, message.content,
-                                                status=message.status, stats=stats,
-                                                message_id=message.id))
+            await self.chat_log.add(
+                MessageItem(
+                    message.role,
+                    message.content,
+                    status=message.status,
+                    stats=stats,
+                    message_id=message.id,
+                )
+            )
         self.store.set_pref("last_conversation", conversation_id)
         if conversation.model and self.model_spec and conversation.model != self.model_spec:
-            self.notify(f"This conversation was with {label(conversation.model)}; "
-                        "ctrl+l switches models", timeout=6)
+            self.notify(
+                f"This conversation was with {label(conversation.model)}; ctrl+l switches models",
+                timeout=6,
+            )
         self.update_titles()
         self.refresh_bindings()
 
@@ -77,8 +84,9 @@ class ConversationActions:
                     self.conversation = fresh
                     self.update_titles()
 
-        self.push_screen(ConversationsScreen(self.store, self.conversation and
-                                             self.conversation.id), chosen)
+        self.push_screen(
+            ConversationsScreen(self.store, self.conversation and self.conversation.id), chosen
+        )
 
     def action_rename(self) -> None:
 
@@ -92,8 +100,9 @@ class ConversationActions:
                 self.conversation.title = title
                 self.update_titles()
 
-        self.push_screen(TextDialog("Rename conversation", self.conversation.title,
-                                    action="Rename"), renamed)
+        self.push_screen(
+            TextDialog("Rename conversation", self.conversation.title, action="Rename"), renamed
+        )
 
     def action_export(self) -> None:
 
@@ -113,9 +122,12 @@ class ConversationActions:
                 return
             self.notify(f"Exported to {target}")
 
-        self.push_screen(TextDialog("Export to Markdown file",
-                                    f"{slug(self.conversation.title)}.md", action="Export"),
-                         export)
+        self.push_screen(
+            TextDialog(
+                "Export to Markdown file", f"{slug(self.conversation.title)}.md", action="Export"
+            ),
+            export,
+        )
 
     def action_delete(self) -> None:
 
@@ -136,13 +148,16 @@ class ConversationActions:
                 return
             self.system_prompt, self.settings = result
             if self.conversation is not None:
-                self.store.update_conversation(self.conversation.id,
-                                               system_prompt=self.system_prompt,
-                                               settings=self.settings.to_dict())
+                self.store.update_conversation(
+                    self.conversation.id,
+                    system_prompt=self.system_prompt,
+                    settings=self.settings.to_dict(),
+                )
             else:  # a fresh chat: these become the defaults it will be saved with
                 self.default_system_prompt, self.default_settings = result
             self.notify("Settings saved", timeout=2)
 
         chat_mode = self.session.chat_mode if self.session else True
-        self.push_screen(SettingsScreen(self.system_prompt, self.settings, chat_mode=chat_mode),
-                         saved)
+        self.push_screen(
+            SettingsScreen(self.system_prompt, self.settings, chat_mode=chat_mode), saved
+        )

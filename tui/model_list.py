@@ -28,7 +28,8 @@ def is_model_dir(path: Path) -> bool:
     try:
         return (path / "config.json").is_file() and (
             any(path.glob("model*.safetensors"))
-            or (path / "model.safetensors.index.json").is_file())
+            or (path / "model.safetensors.index.json").is_file()
+        )
     except OSError:
         return False
 
@@ -54,7 +55,7 @@ def label(spec: str) -> str:
     parts = Path(spec).parts
     for i, part in enumerate(parts):
         if part.startswith("models--") and i + 2 < len(parts) and parts[i + 1] == "snapshots":
-            return part[len("models--"):].replace("--", "/")
+            return part[len("models--") :].replace("--", "/")
     return Path(spec).name or spec
 
 
@@ -100,12 +101,12 @@ def hub_cache_models(cache_dir: Path | None = None) -> list[ModelEntry]:
         ref = repo / "refs" / "main"
         candidates = [snapshots / ref.read_text().strip()] if ref.is_file() else []
         if snapshots.is_dir():
-            candidates += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime,
-                                 reverse=True)
+            candidates += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
         for snapshot in candidates:
             if is_model_dir(snapshot):
-                entries.append(ModelEntry(label(str(snapshot)), str(snapshot), "hub cache",
-                                          describe(snapshot)))
+                entries.append(
+                    ModelEntry(label(str(snapshot)), str(snapshot), "hub cache", describe(snapshot))
+                )
                 break
     return entries
 
@@ -119,8 +120,9 @@ def default_roots(home: Path) -> list[Path]:
     return roots
 
 
-def list_models(roots: Sequence[Path], *, recent: Sequence[str] = (),
-                hub_cache: Path | None | bool = None) -> list[ModelEntry]:
+def list_models(
+    roots: Sequence[Path], *, recent: Sequence[str] = (), hub_cache: Path | None | bool = None
+) -> list[ModelEntry]:
     """Recent models first, then local directories, then the Hub cache; no duplicates.
 
     `hub_cache` False skips the Hub cache; None uses huggingface_hub's default location.

@@ -93,7 +93,8 @@ class Store:
         except (sqlite3.DatabaseError, OSError) as e:
             raise StoreError(
                 f"cannot open the chat history {self.path}: {e}. Move the file aside, or "
-                f"point ${HOME_ENV} at another directory.") from e
+                f"point ${HOME_ENV} at another directory."
+            ) from e
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -133,28 +134,42 @@ class Store:
 
     # conversations
 
-    def create_conversation(self, title: str = "New chat", *, model: str | None = None,
-                            system_prompt: str = "", settings: dict[str, Any] | None = None,
-                            now: float | None = None) -> Conversation:
+    def create_conversation(
+        self,
+        title: str = "New chat",
+        *,
+        model: str | None = None,
+        system_prompt: str = "",
+        settings: dict[str, Any] | None = None,
+        now: float | None = None,
+    ) -> Conversation:
         now = time.time() if now is None else now
         with self._transaction() as db:
             cursor = db.execute(
                 "INSERT INTO conversations (title, model, system_prompt, settings, created, "
                 "updated) VALUES (?, ?, ?, ?, ?, ?)",
-                (title, model, system_prompt, json.dumps(settings or {}), now, now))
+                (title, model, system_prompt, json.dumps(settings or {}), now, now),
+            )
         conversation = self.get_conversation(cursor.lastrowid)
         assert conversation is not None
         return conversation
 
     def _conversation(self, row: sqlite3.Row) -> Conversation:
-        return Conversation(id=row["id"], title=row["title"], model=row["model"],
-                            system_prompt=row["system_prompt"],
-                            settings=json.loads(row["settings"] or "{}"),
-                            created=row["created"], updated=row["updated"],
-                            message_count=row["message_count"])
+        return Conversation(
+            id=row["id"],
+            title=row["title"],
+            model=row["model"],
+            system_prompt=row["system_prompt"],
+            settings=json.loads(row["settings"] or "{}"),
+            created=row["created"],
+            updated=row["updated"],
+            message_count=row["message_count"],
+        )
 
-    _SELECT = ("SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) "
-               "AS message_count FROM conversations c")
+    _SELECT = (
+        "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) "
+        "AS message_count FROM conversations c"
+    )
 
     def get_conversation(self, conversation_id: int) -> Conversation | None:
         row = self._db.execute(f"{self._SELECT} WHERE c.id = ?", (conversation_id,)).fetchone()
@@ -165,13 +180,22 @@ class Store:
         rows = self._db.execute(f"{self._SELECT} ORDER BY c.updated DESC, c.id DESC")
         return [self._conversation(row) for row in rows]
 
-    def update_conversation(self, conversation_id: int, *, title: str | None = None,
-                            model: str | None = None, system_prompt: str | None = None,
-                            settings: dict[str, Any] | None = None,
-                            now: float | None = None) -> None:
-        fields: dict[str, Any] = {"title": title, "model": model, "system_prompt": system_prompt,
-                                  "settings": json.dumps(settings) if settings is not None
-                                  else None}
+    def update_conversation(
+        self,
+        conversation_id: int,
+        *,
+        title: str | None = None,
+        model: str | None = None,
+        system_prompt: str | None = None,
+        settings: dict[str, Any] | None = None,
+        now: float | None = None,
+    ) -> None:
+        fields: dict[str, Any] = {
+            "title": title,
+            "model": model,
+            "system_prompt": system_prompt,
+            "settings": json.dumps(settings) if settings is not None else None,
+        }
         fields = {k: v for k, v in fields.items() if v is not None}
         if now is not None:  # only new messages count as activity, not renames or settings
             fields["updated"] = now
@@ -179,8 +203,10 @@ class Store:
             return
         assignments = ", ".join(f"{name} = ?" for name in fields)
         with self._transaction() as db:
-            db.execute(f"UPDATE conversations SET {assignments} WHERE id = ?",
-                       (*fields.values(), conversation_id))
+            db.execute(
+                f"UPDATE conversations SET {assignments} WHERE id = ?",
+                (*fields.values(), conversation_id),
+            )
 
     def delete_conversation(self, conversation_id: int) -> None:
         with self._transaction() as db:
@@ -189,48 +215,83 @@ class Store:
     # messages
 
     def messages(self, conversation_id: int) -> list[StoredMessage]:
-        rows = self._db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
-                                (conversation_id,))
-        return [StoredMessage(id=row["id"], conversation_id=row["conversation_id"],
-                              role=row["role"], content=row["content"], status=row["status"],
-                              stats=json.loads(row["stats"]) if row["stats"] else None,
-                              created=row["created"]) for row in rows]
+        rows = self._db.execute(
+            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+        )
+        return [
+            StoredMessage(
+                id=row["id"],
+                conversation_id=row["conversation_id"],
+                role=row["role"],
+                content=row["content"],
+                status=row["status"],
+                stats=json.loads(row["stats"]) if row["stats"] else None,
+                created=row["created"],
+            )
+            for row in rows
+        ]
 
-    def add_message(self, conversation_id: int, role: str, content: str, *,
-                    status: str = "done", stats: dict[str, Any] | None = None,
-                    now: float | None = None) -> StoredMessage:
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        status: str = "done",
+        stats: dict[str, Any] | None = None,
+        now: float | None = None,
+    ) -> StoredMessage:
         now = time.time() if now is None else now
         with self._transaction() as db:
             cursor = db.execute(
                 "INSERT INTO messages (conversation_id, role, content, status, stats, created) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (conversation_id, role, content, status, json.dumps(stats) if stats else None,
-                 now))
-            db.execute("UPDATE conversations SET updated = ? WHERE id = ?",
-                       (now, conversation_id))
-        return StoredMessage(id=cursor.lastrowid, conversation_id=conversation_id, role=role,
-                             content=content, status=status, stats=stats, created=now)
+                (conversation_id, role, content, status, json.dumps(stats) if stats else None, now),
+            )
+            db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation_id))
+        return StoredMessage(
+            id=cursor.lastrowid,
+            conversation_id=conversation_id,
+            role=role,
+            content=content,
+            status=status,
+            stats=stats,
+            created=now,
+        )
 
-    def update_message(self, message_id: int, *, content: str | None = None,
-                       status: str | None = None, stats: dict[str, Any] | None = None) -> None:
-        fields: dict[str, Any] = {"content": content, "status": status,
-                                  "stats": json.dumps(stats) if stats is not None else None}
+    def update_message(
+        self,
+        message_id: int,
+        *,
+        content: str | None = None,
+        status: str | None = None,
+        stats: dict[str, Any] | None = None,
+    ) -> None:
+        fields: dict[str, Any] = {
+            "content": content,
+            "status": status,
+            "stats": json.dumps(stats) if stats is not None else None,
+        }
         fields = {k: v for k, v in fields.items() if v is not None}
         if not fields:
             return
         assignments = ", ".join(f"{name} = ?" for name in fields)
         with self._transaction() as db:
-            db.execute(f"UPDATE messages SET {assignments} WHERE id = ?",
-                       (*fields.values(), message_id))
+            db.execute(
+                f"UPDATE messages SET {assignments} WHERE id = ?", (*fields.values(), message_id)
+            )
 
     def delete_messages_from(self, message_id: int) -> None:
         """Delete a message and every later one of its conversation (edit, regenerate)."""
         with self._transaction() as db:
-            row = db.execute("SELECT conversation_id FROM messages WHERE id = ?",
-                             (message_id,)).fetchone()
+            row = db.execute(
+                "SELECT conversation_id FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
             if row is not None:
-                db.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?",
-                           (row["conversation_id"], message_id))
+                db.execute(
+                    "DELETE FROM messages WHERE conversation_id = ? AND id >= ?",
+                    (row["conversation_id"], message_id),
+                )
 
     # preferences (the last model, the last conversation)
 
@@ -240,8 +301,11 @@ class Store:
 
     def set_pref(self, key: str, value: Any) -> None:
         with self._transaction() as db:
-            db.execute("INSERT INTO prefs (key, value) VALUES (?, ?) ON CONFLICT(key) "
-                       "DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
+            db.execute(
+                "INSERT INTO prefs (key, value) VALUES (?, ?) ON CONFLICT(key) "
+                "DO UPDATE SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
 
     # export
 
@@ -251,8 +315,12 @@ class Store:
         if conversation is None:
             raise KeyError(conversation_id)
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conversation.created))
-        lines = [f"# {conversation.title}", "",
-                 f"*{conversation.model or 'no model'} · {when}*", ""]
+        lines = [
+            f"# {conversation.title}",
+            "",
+            f"*{conversation.model or 'no model'} · {when}*",
+            "",
+        ]
         if conversation.system_prompt:
             lines += ["## System", "", conversation.system_prompt, ""]
         for message in self.messages(conversation_id):

@@ -79,8 +79,9 @@ def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool | None = None)
                 f"tokenizer {cfg.tokenizer} has {n} tokens but the model's vocab_size is "
                 f"{vocab_size}; set model.vocab_size={n} (or larger)"
             )
-    cache = cached_tokens(cfg.source, cfg.text_field, tokenizer, cfg.val_fraction, cfg.seed,
-                          cfg.cache_dir, progress)
+    cache = cached_tokens(
+        cfg.source, cfg.text_field, tokenizer, cfg.val_fraction, cfg.seed, cfg.cache_dir, progress
+    )
     meta = {**cache.meta, "tokenizer": tok_source}
     return PreparedData(tokenizer=tokenizer, train=cache.train, val=cache.val, meta=meta)
 
@@ -89,13 +90,15 @@ def _trained_tokenizer(
     cfg: DataConfig, vocab_size: int, progress: bool | None = None
 ) -> tuple[Tokenizer, str]:
     """Train on the training documents, or reuse the tokenizer trained for the same inputs."""
-    key = stable_hash({
-        "recipe": TOKENIZER_RECIPE,
-        "corpus": corpus_fingerprint(cfg.source, cfg.text_field),
-        "vocab_size": vocab_size,
-        "val_fraction": cfg.val_fraction,
-        "seed": cfg.seed,
-    })
+    key = stable_hash(
+        {
+            "recipe": TOKENIZER_RECIPE,
+            "corpus": corpus_fingerprint(cfg.source, cfg.text_field),
+            "vocab_size": vocab_size,
+            "val_fraction": cfg.val_fraction,
+            "seed": cfg.seed,
+        }
+    )
     path = cache_root(cfg.cache_dir) / "tokenizers" / key[:24] / "tokenizer.json"
     if path.is_file():
         try:
@@ -104,8 +107,11 @@ def _trained_tokenizer(
             pass
     n_docs, _ = count_documents(cfg.source, cfg.text_field)
     is_val = split_mask(n_docs, cfg.val_fraction, cfg.seed)
-    docs = (d for i, d in enumerate(iter_documents(cfg.source, cfg.text_field))
-            if i >= n_docs or not is_val[i])
+    docs = (
+        d
+        for i, d in enumerate(iter_documents(cfg.source, cfg.text_field))
+        if i >= n_docs or not is_val[i]
+    )
     show = sys.stderr.isatty() if progress is None else progress
     tokenizer = train_tokenizer(docs, vocab_size, show_progress=show)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,7 @@ class PackedBatches:
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """This rank's (x, y), each int32 (batch_size, seq_len), from the next global batch."""
         windows = self._take(self.world_size * self.batch_size)
-        mine = windows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        mine = windows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         rows = np.asarray(self.tokens[mine[:, None] * self.seq_len + self._offsets], dtype=np.int32)
         return rows[:, :-1], rows[:, 1:]
 
@@ -154,7 +154,7 @@ class PackedBatches:
         self._start_epoch(epoch)
         while self._generated < consumed:  # replay the index draws; no tokens are read
             self._pending = self._next_chunk()
-        self._pending = self._pending[len(self._pending) - (self._generated - consumed):]
+        self._pending = self._pending[len(self._pending) - (self._generated - consumed) :]
         self.consumed = consumed
 
 
@@ -210,7 +210,12 @@ def iter_eval_batches(
 
 
 def _eval_batches(
-    tokens: np.ndarray, per_rank: int, seq_len: int, n_batches: int, rank: int, world_size: int,
+    tokens: np.ndarray,
+    per_rank: int,
+    seq_len: int,
+    n_batches: int,
+    rank: int,
+    world_size: int,
     offsets: np.ndarray,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for b in range(n_batches):

@@ -25,8 +25,14 @@ JSONL_SUFFIXES = (".jsonl",)
 HF_SUFFIXES = (".txt", ".jsonl", ".json")
 HF_PATTERNS = ["*.jsonl", "*.txt", "*.json"]  # fnmatch: "*" also matches "/", so any depth
 # Metadata that dataset repos and `datasets` exports keep beside the data; never documents.
-HF_METADATA = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json",
-               "config.json", "croissant.json"}
+HF_METADATA = {
+    "dataset_info.json",
+    "dataset_infos.json",
+    "dataset_dict.json",
+    "state.json",
+    "config.json",
+    "croissant.json",
+}
 COMPRESSED = (".xz", ".gz")
 # A plain-text file may hold several documents separated by this marker (the TinyStories layout).
 DOC_SEPARATOR = "<|endoftext|>"

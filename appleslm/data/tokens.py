@@ -99,14 +99,16 @@ def cached_tokens(
     `progress=None` shows the bar only on a terminal.
     """
     fingerprint = corpus_fingerprint(source, text_field)
-    key = stable_hash({
-        "version": CACHE_VERSION,
-        "corpus": fingerprint,
-        "tokenizer": tokenizer.to_str(),
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "text_field": text_field,
-    })
+    key = stable_hash(
+        {
+            "version": CACHE_VERSION,
+            "corpus": fingerprint,
+            "tokenizer": tokenizer.to_str(),
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "text_field": text_field,
+        }
+    )
     root = cache_root(cache_dir)
     entry = root / key[:24]
     cache = _load(entry, key)
@@ -122,8 +124,15 @@ def cached_tokens(
         )
         if meta["val_tokens"] == 0 and val_fraction > 0:
             _hold_out_tail(tmp, meta, val_fraction)
-        meta.update(key=key, source=source, fingerprint=fingerprint, text_field=text_field,
-                    val_fraction=val_fraction, seed=seed, version=CACHE_VERSION)
+        meta.update(
+            key=key,
+            source=source,
+            fingerprint=fingerprint,
+            text_field=text_field,
+            val_fraction=val_fraction,
+            seed=seed,
+            version=CACHE_VERSION,
+        )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if entry.exists():  # a broken entry, or a concurrent run that finished first
             shutil.rmtree(entry, ignore_errors=True)
@@ -210,7 +219,7 @@ def _hold_out_tail(entry: Path, meta: dict[str, Any], val_fraction: float) -> No
     if n_val < 2 or n - n_val < 2:
         return  # too small to split at all; the run trains without validation
     train = np.fromfile(entry / "train.bin", dtype=dtype)
-    train[n - n_val:].tofile(entry / "val.bin")
+    train[n - n_val :].tofile(entry / "val.bin")
     os.truncate(entry / "train.bin", (n - n_val) * dtype.itemsize)
     meta.update(train_tokens=n - n_val, val_tokens=n_val, val_split="tail")
 
@@ -231,7 +240,8 @@ def _load(entry: Path, key: str) -> TokenCache | None:
         if not path.is_file() or path.stat().st_size != n * dtype.itemsize:
             return None
         # np.memmap refuses empty files, and an empty split is legitimate (val_fraction=0).
-        arrays[split] = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else \
-            np.zeros(0, dtype=dtype)
+        arrays[split] = (
+            np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
+        )
     meta["cache_path"] = str(entry)
     return TokenCache(path=entry, train=arrays["train"], val=arrays["val"], meta=meta)

@@ -112,25 +112,36 @@ def card_tags(config: dict[str, Any]) -> list[str]:
 def description(config: dict[str, Any]) -> str:
     if config.get("model_type") != "appleslm":
         remote = "" if config.get("model_file") else " Stock mlx-lm loads it without remote code."
-        return (f"A `{config.get('model_type', 'unknown')}` model in MLX format, exported by "
-                f"appleslm.{remote}")
-    lines = ["A small decoder-only language model trained with appleslm on MLX: a deep-and-thin "
-             "transformer in the MobileLLM style, in the model-directory format mlx-lm loads."]
+        return (
+            f"A `{config.get('model_type', 'unknown')}` model in MLX format, exported by "
+            f"appleslm.{remote}"
+        )
+    lines = [
+        "A small decoder-only language model trained with appleslm on MLX: a deep-and-thin "
+        "transformer in the MobileLLM style, in the model-directory format mlx-lm loads."
+    ]
     repeat = int(config.get("layer_repeat") or 1)
     if repeat > 1:
         blocks = config.get("num_hidden_layers")
         executed = f" ({blocks * repeat} layers executed)" if isinstance(blocks, int) else ""
-        lines.append(f"Block-wise weight sharing (MobileLLM-LS): each block runs {repeat} times in "
-                     f"a row{executed}, buying depth without parameters.")
+        lines.append(
+            f"Block-wise weight sharing (MobileLLM-LS): each block runs {repeat} times in "
+            f"a row{executed}, buying depth without parameters."
+        )
     if config.get("embedding") == "leviathan":
-        lines.append("Leviathan embedding: token vectors come from a small generator over the "
-                     "digits of the token id instead of a lookup table.")
+        lines.append(
+            "Leviathan embedding: token vectors come from a small generator over the "
+            "digits of the token id instead of a lookup table."
+        )
     return "\n".join(lines)
 
 
 def architecture_section(config: dict[str, Any]) -> str:
-    rows = [(label, config[key]) for key, label in ARCH_KEYS if config.get(key) is not None
-            and not (key == "layer_repeat" and config[key] == 1)]  # 1 is no sharing: noise
+    rows = [
+        (label, config[key])
+        for key, label in ARCH_KEYS
+        if config.get(key) is not None and not (key == "layer_repeat" and config[key] == 1)
+    ]  # 1 is no sharing: noise
     return "## Architecture\n\n" + table(("setting", "value"), rows) if rows else ""
 
 
@@ -144,33 +155,46 @@ def training_section(provenance: dict[str, Any]) -> str:
     lines = []
     if data.get("source"):
         lines.append(f"- data: {data['source']}")
-    lines += [f"- {key}: {value}" for key, value in data.items()
-              if key != "source" and isinstance(value, str | int | float)]
+    lines += [
+        f"- {key}: {value}"
+        for key, value in data.items()
+        if key != "source" and isinstance(value, str | int | float)
+    ]
     if provenance.get("tokens_seen") is not None:
         lines.append(f"- tokens seen: {count(provenance['tokens_seen'])}")
     return "## Training\n\n" + "\n".join(lines) if lines else ""
 
 
 def evaluation_section(provenance: dict[str, Any]) -> str:
-    rows = [(label, f"{provenance[key]:.4g}") for key, label in
-            (("val_loss", "validation loss (nats/token)"), ("val_ppl", "validation perplexity"))
-            if isinstance(provenance.get(key), int | float)]
+    rows = [
+        (label, f"{provenance[key]:.4g}")
+        for key, label in (
+            ("val_loss", "validation loss (nats/token)"),
+            ("val_ppl", "validation perplexity"),
+        )
+        if isinstance(provenance.get(key), int | float)
+    ]
     return "## Evaluation\n\n" + table(("metric", "value"), rows) if rows else ""
 
 
 def quantization_section(config_quant: Any, provenance_quant: Any) -> str:
     rows: list[tuple[str, Any]] = []
     if isinstance(config_quant, dict):
-        rows += [(key, config_quant[key]) for key in ("bits", "group_size", "mode")
-                 if key in config_quant]
+        rows += [
+            (key, config_quant[key])
+            for key in ("bits", "group_size", "mode")
+            if key in config_quant
+        ]
         # mlx-lm stores per-layer overrides as nested dicts keyed by module path
         overrides = sum(isinstance(v, dict) for v in config_quant.values())
         if overrides:
             rows.append(("layers with their own settings", overrides))
     if isinstance(provenance_quant, dict):
-        rows += [(key.replace("_", " "), value) for key, value in provenance_quant.items()
-                 if isinstance(value, str | int | float)
-                 and key not in ("bits", "group_size", "mode")]
+        rows += [
+            (key.replace("_", " "), value)
+            for key, value in provenance_quant.items()
+            if isinstance(value, str | int | float) and key not in ("bits", "group_size", "mode")
+        ]
     return "## Quantization\n\n" + table(("", ""), rows) if rows else ""
 
 
@@ -180,7 +204,7 @@ def usage_section(config: dict[str, Any], name: str) -> str:
     cli_flag = " --trust-remote-code" if remote else ""
     parts = ["## Use it"]
     if remote or config.get("model_type") != "appleslm":
-        note = ("  # runs the architecture file shipped with the weights" if remote else "")
+        note = "  # runs the architecture file shipped with the weights" if remote else ""
         parts.append(
             "With mlx-lm (`pip install mlx-lm`):\n\n"
             "```python\nfrom mlx_lm import generate, load\n\n"

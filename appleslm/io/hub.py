@@ -25,8 +25,18 @@ from appleslm.io.model_dir import ModelDirError, read_config
 log = logging.getLogger(__name__)
 
 # mlx-lm's download patterns (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS) plus the model card
-MODEL_PATTERNS = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken",
-                  "tiktoken.model", "*.txt", "*.jsonl", "*.jinja", "README.md"]
+MODEL_PATTERNS = [
+    "*.json",
+    "model*.safetensors",
+    "*.py",
+    "tokenizer.model",
+    "*.tiktoken",
+    "tiktoken.model",
+    "*.txt",
+    "*.jsonl",
+    "*.jinja",
+    "README.md",
+]
 LOGIN_HINT = "run `hf auth login` or set HF_TOKEN"
 
 
@@ -62,8 +72,9 @@ def resolve_model(spec: str | Path) -> Path:
         return path
     text = str(spec)
     if text.startswith((".", "/", "~")) or text.count("/") != 1 or not _valid_repo_id(text):
-        raise ModelDirError(f"{text!r}: no such model directory, and not a Hub repo id "
-                            "(namespace/name)")
+        raise ModelDirError(
+            f"{text!r}: no such model directory, and not a Hub repo id (namespace/name)"
+        )
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -76,22 +87,26 @@ def resolve_model(spec: str | Path) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=MODEL_PATTERNS, endpoint=endpoint))
     except GatedRepoError as e:
-        raise ModelDirError(f"{text} is gated on {endpoint}: accept its terms on the model page, "
-                            f"then {LOGIN_HINT}") from e
+        raise ModelDirError(
+            f"{text} is gated on {endpoint}: accept its terms on the model page, then {LOGIN_HINT}"
+        ) from e
     except RepositoryNotFoundError as e:
-        raise ModelDirError(f"no model directory {text} here and no model {text} on {endpoint} "
-                            f"(if it is private, {LOGIN_HINT})") from e
+        raise ModelDirError(
+            f"no model directory {text} here and no model {text} on {endpoint} "
+            f"(if it is private, {LOGIN_HINT})"
+        ) from e
     except HfHubHTTPError as e:
-        raise ModelDirError(f"cannot download {text} from {endpoint}: "
-                            f"{_http_problem(e, text)}") from e
+        raise ModelDirError(
+            f"cannot download {text} from {endpoint}: {_http_problem(e, text)}"
+        ) from e
     except LocalEntryNotFoundError as e:
         # snapshot_download falls back to the cache when the Hub is unreachable; this is "not there"
-        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
-               else f"cannot reach {endpoint}")
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"cannot reach {endpoint}"
         raise ModelDirError(f"{text} is not in the local Hub cache and {why}") from e
     except _transport_errors() as e:
-        raise ModelDirError(f"cannot download {text}: lost the connection to {endpoint} "
-                            f"({type(e).__name__})") from e
+        raise ModelDirError(
+            f"cannot download {text}: lost the connection to {endpoint} ({type(e).__name__})"
+        ) from e
     except OSError as e:
         raise ModelDirError(f"cannot download {text} from {endpoint}: {e}") from e
 
@@ -121,8 +136,11 @@ def push_model(
     url = f"{endpoint}/{repo_id}"
     existing = model_dir / CARD_FILE
     keep_card = existing.exists() and not is_generated_card(existing)
-    card = existing.read_text(encoding="utf-8") if keep_card else str(
-        render_model_card(model_dir, repo_id))
+    card = (
+        existing.read_text(encoding="utf-8")
+        if keep_card
+        else str(render_model_card(model_dir, repo_id))
+    )
     sizes = {path: (model_dir / path).stat().st_size for path in upload_files(model_dir)}
     sizes[CARD_FILE] = len(card.encode())
     files = sorted(sizes)
@@ -163,8 +181,11 @@ def upload_files(model_dir: Path) -> list[str]:
     files = []
     for path in sorted(model_dir.rglob("*")):
         rel = path.relative_to(model_dir)
-        if path.is_file() and not any(p.startswith(".") for p in rel.parts) and \
-                rel.as_posix() != CARD_FILE:
+        if (
+            path.is_file()
+            and not any(p.startswith(".") for p in rel.parts)
+            and rel.as_posix() != CARD_FILE
+        ):
             files.append(rel.as_posix())
     return files
 
@@ -201,22 +222,29 @@ def _push_error(e: Exception, repo_id: str, endpoint: str, *, has_token: bool) -
     if isinstance(e, ConnectionError) and "offline" in type(e).__name__.lower():
         return "cannot push while HF_HUB_OFFLINE is set"
     if isinstance(e, RepositoryNotFoundError):  # what the Hub says to a write it will not allow
-        return (f"cannot push to {repo_id} on {endpoint}: the repo is not visible to "
-                f"{'this token' if has_token else 'an anonymous user'}; {LOGIN_HINT} "
-                "with a token that has write access")
+        return (
+            f"cannot push to {repo_id} on {endpoint}: the repo is not visible to "
+            f"{'this token' if has_token else 'an anonymous user'}; {LOGIN_HINT} "
+            "with a token that has write access"
+        )
     if isinstance(e, HfHubHTTPError):
         return f"pushing to {repo_id} on {endpoint} failed: {_http_problem(e, repo_id, has_token)}"
     if isinstance(e, _transport_errors()):
-        return (f"cannot reach the Hub at {endpoint} ({type(e).__name__}: {e}); "
-                "check the network or --endpoint. Nothing was changed locally.")
+        return (
+            f"cannot reach the Hub at {endpoint} ({type(e).__name__}: {e}); "
+            "check the network or --endpoint. Nothing was changed locally."
+        )
     return None
 
 
 def _http_problem(e: Exception, repo_id: str, has_token: bool = True) -> str:
     status = getattr(getattr(e, "response", None), "status_code", None)
     if status == 401:
-        return (f"the Hub rejected the credentials (401); {LOGIN_HINT}" if has_token
-                else f"not logged in (401); {LOGIN_HINT}")
+        return (
+            f"the Hub rejected the credentials (401); {LOGIN_HINT}"
+            if has_token
+            else f"not logged in (401); {LOGIN_HINT}"
+        )
     if status == 403:
         return f"not allowed (403): this token cannot write to {repo_id}; {LOGIN_HINT}"
     server = getattr(e, "server_message", None) or str(e).splitlines()[0]

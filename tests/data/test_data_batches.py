@@ -107,8 +107,10 @@ def test_resume_rejects_a_changed_stream():
 def test_two_ranks_together_equal_one_rank_with_double_batch():
     tokens = positions(30)  # 30 windows, global batch 8: batches cross the epoch boundary
     single = PackedBatches(tokens, 8, L, seed=5, shuffle_buffer=12)
-    ranks = [PackedBatches(tokens, 4, L, seed=5, shuffle_buffer=12, rank=r, world_size=2)
-             for r in range(2)]
+    ranks = [
+        PackedBatches(tokens, 4, L, seed=5, shuffle_buffer=12, rank=r, world_size=2)
+        for r in range(2)
+    ]
     for _ in range(10):
         x, y = single.next_batch()
         parts = [rb.next_batch() for rb in ranks]

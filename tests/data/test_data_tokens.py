@@ -19,8 +19,10 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".spl
 
 def make_corpus(root: Path, n_docs: int = 20) -> list[str]:
     """n_docs small distinct documents as JSONL; returns them in corpus order."""
-    docs = [f"doc {i}: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(8 + i % 5))
-            for i in range(n_docs)]
+    docs = [
+        f"doc {i}: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(8 + i % 5))
+        for i in range(n_docs)
+    ]
     root.mkdir(parents=True, exist_ok=True)
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return docs
@@ -89,8 +91,9 @@ def test_cache_is_reused_and_invalidated_when_corpus_changes(tmp_path, monkeypat
     real = tokens_mod._tokenize
     monkeypatch.setattr(tokens_mod, "_tokenize", lambda *a: calls.append(1) or real(*a))
     trained = []
-    monkeypatch.setattr(data_pkg, "train_tokenizer",
-                        lambda *a, **k: trained.append(1) or train_tokenizer(*a, **k))
+    monkeypatch.setattr(
+        data_pkg, "train_tokenizer", lambda *a, **k: trained.append(1) or train_tokenizer(*a, **k)
+    )
 
     first = prepare_data(config(tmp_path), vocab_size=300)
     bin_path = Path(first.meta["cache_path"]) / "train.bin"

@@ -14,12 +14,21 @@ from appleslm.quant import quantize
 PROMPT = mx.array([[5, 17, 42, 99, 3, 250, 7, 8, 9]])
 
 
-@pytest.mark.parametrize("variant", [
-    {},
-    {"layer_repeat": 2, "tie_word_embeddings": False},
-    {"embedding": "leviathan", "tie_word_embeddings": False, "layer_repeat": 2,
-     "generator_d_seed": 16, "generator_heads": 2, "generator_rank": 4},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"layer_repeat": 2, "tie_word_embeddings": False},
+        {
+            "embedding": "leviathan",
+            "tie_word_embeddings": False,
+            "layer_repeat": 2,
+            "generator_d_seed": 16,
+            "generator_heads": 2,
+            "generator_rank": 4,
+        },
+    ],
+)
 def test_export_loads_in_stock_mlx_lm_with_identical_logits(variant, tmp_path, tokenizer_dir):
     mx.random.seed(3)
     model = Model(tiny_args(**variant))

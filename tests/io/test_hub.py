@@ -43,13 +43,20 @@ def greedy_tokens(model_spec, n: int = 10) -> list[int]:
     from mlx_lm.sample_utils import make_sampler
 
     model, tokenizer = load_model(model_spec)
-    return [r.token for r in stream_generate(model, tokenizer, "The Congress shall",
-                                             max_tokens=n, sampler=make_sampler(temp=0.0))]
+    return [
+        r.token
+        for r in stream_generate(
+            model, tokenizer, "The Congress shall", max_tokens=n, sampler=make_sampler(temp=0.0)
+        )
+    ]
 
 
 def tree_hashes(directory: Path) -> dict[str, str]:
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def error_chain(e: BaseException | None) -> str:
@@ -64,8 +71,13 @@ def test_push_download_load_gives_identical_greedy_tokens(hub, tiny_model_dir, t
     before = tree_hashes(tiny_model_dir)
     result = push_model(tiny_model_dir, "me/tiny")
     assert result.url == f"{hub.url}/me/tiny" and not result.dry_run and result.commit
-    assert {"config.json", "model.safetensors", "tokenizer.json", "appleslm_arch.py",
-            "README.md"} <= set(result.files)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "appleslm_arch.py",
+        "README.md",
+    } <= set(result.files)
     assert set(hub.repos["me/tiny"].files) == set(result.files)
     assert tree_hashes(tiny_model_dir) == before  # the card went up, the local dir is untouched
 
@@ -117,7 +129,8 @@ def all_logs(caplog):
 @pytest.mark.parametrize("server_token", [FAKE_TOKEN, "hf_other"], ids=["accepted", "rejected"])
 @pytest.mark.parametrize("via", ["argument", "environment"])
 def test_the_token_is_never_shown_and_a_rejected_one_is_a_clear_error(
-        via, server_token, monkeypatch, tmp_path, tiny_model_dir, all_logs, capfd):
+    via, server_token, monkeypatch, tmp_path, tiny_model_dir, all_logs, capfd
+):
     with HubServer(token=server_token) as server:
         isolate_hub_client(monkeypatch, tmp_path / "hf", endpoint=server.url)
         if via == "environment":
@@ -133,8 +146,13 @@ def test_the_token_is_never_shown_and_a_rejected_one_is_a_clear_error(
             assert "401" in str(error) and "rejected the credentials" in str(error)
         assert server.requests  # the token did travel, to the server only
     out, err = capfd.readouterr()
-    for text in (error_chain(error), all_logs.text, out, err,
-                 *(str(r.args) for r in all_logs.records)):
+    for text in (
+        error_chain(error),
+        all_logs.text,
+        out,
+        err,
+        *(str(r.args) for r in all_logs.records),
+    ):
         assert FAKE_TOKEN not in text
 
 
@@ -187,31 +205,59 @@ def write_fake_model(directory: Path, config: dict, provenance: dict | None = No
 
 
 def test_card_for_a_quantized_weight_shared_leviathan_model(tmp_path):
-    model = write_fake_model(tmp_path / "q4", {
-        "model_type": "appleslm", "model_file": "appleslm_arch.py", "hidden_size": 576,
-        "num_hidden_layers": 15, "layer_repeat": 2, "embedding": "leviathan", "vocab_size": 32000,
-        "quantization": {"group_size": 64, "bits": 4, "mode": "affine",
-                         "model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 6}},
-    }, {
-        "params": {"params_total": 125_000_000, "params_embedding": 1_200_000,
-                   "params_non_embedding": 123_800_000, "layers_unique": 15,
-                   "layers_executed": 30},
-        "val_loss": 3.2189, "val_ppl": 24.998, "tokens_seen": 2_000_000_000,
-        "data": {"source": "HuggingFaceFW/fineweb-edu"}, "quantization": {"bits_per_weight": 4.5},
-    })
+    model = write_fake_model(
+        tmp_path / "q4",
+        {
+            "model_type": "appleslm",
+            "model_file": "appleslm_arch.py",
+            "hidden_size": 576,
+            "num_hidden_layers": 15,
+            "layer_repeat": 2,
+            "embedding": "leviathan",
+            "vocab_size": 32000,
+            "quantization": {
+                "group_size": 64,
+                "bits": 4,
+                "mode": "affine",
+                "model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 6},
+            },
+        },
+        {
+            "params": {
+                "params_total": 125_000_000,
+                "params_embedding": 1_200_000,
+                "params_non_embedding": 123_800_000,
+                "layers_unique": 15,
+                "layers_executed": 30,
+            },
+            "val_loss": 3.2189,
+            "val_ppl": 24.998,
+            "tokens_seen": 2_000_000_000,
+            "data": {"source": "HuggingFaceFW/fineweb-edu"},
+            "quantization": {"bits_per_weight": 4.5},
+        },
+    )
     card = render_model_card(model, "me/slm-4bit")
     assert card.data.library_name == "mlx" and card.data.pipeline_tag == "text-generation"
     assert card.data.license == "apache-2.0"
     assert card.data.tags == ["mlx", "appleslm", "leviathan", "mobilellm-ls", "4-bit"]
     text = card.text
-    for expected in ("125,000,000 (125M)", "123,800,000", "| layers executed | 30 |",
-                     "HuggingFaceFW/fineweb-edu", "2,000,000,000 (2B)", "| validation perplexity "
-                     "| 25 |", "| bits | 4 |", "| group_size | 64 |",
-                     "| layers with their own settings | 1 |", "| bits per weight | 4.5 |",
-                     "each block runs 2 times in a row (30 layers executed)",
-                     'load("me/slm-4bit", trust_remote_code=True)',
-                     "mlx_lm.generate --model me/slm-4bit --trust-remote-code",
-                     "appleslm chat me/slm-4bit"):
+    for expected in (
+        "125,000,000 (125M)",
+        "123,800,000",
+        "| layers executed | 30 |",
+        "HuggingFaceFW/fineweb-edu",
+        "2,000,000,000 (2B)",
+        "| validation perplexity | 25 |",
+        "| bits | 4 |",
+        "| group_size | 64 |",
+        "| layers with their own settings | 1 |",
+        "| bits per weight | 4.5 |",
+        "each block runs 2 times in a row (30 layers executed)",
+        'load("me/slm-4bit", trust_remote_code=True)',
+        "mlx_lm.generate --model me/slm-4bit --trust-remote-code",
+        "appleslm chat me/slm-4bit",
+    ):
         assert expected in text, expected
 
 

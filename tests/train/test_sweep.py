@@ -18,13 +18,24 @@ from appleslm.train.sweep import load_sweep, run_sweep
 def sweep_file(tmp_path, write_config):
     base = write_config(steps=12, eval_every=12, save_every=4)
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({
-        "base": str(base),
-        "out": str(tmp_path / "runs"),
-        "runs": {"dense-a": {"model": {"hidden_size": 32}},
-                 "dense-b": {"model": {"hidden_size": 48, "num_attention_heads": 3,
-                                       "num_key_value_heads": 1}}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(base),
+                "out": str(tmp_path / "runs"),
+                "runs": {
+                    "dense-a": {"model": {"hidden_size": 32}},
+                    "dense-b": {
+                        "model": {
+                            "hidden_size": 48,
+                            "num_attention_heads": 3,
+                            "num_key_value_heads": 1,
+                        }
+                    },
+                },
+            }
+        )
+    )
     return path
 
 

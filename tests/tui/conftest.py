@@ -32,12 +32,21 @@ def pytest_pyfunc_call(pyfuncitem):
 def short_context_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny random model whose context is only 64 tokens, to overflow on purpose."""
     mx.random.seed(1)
-    model = Model(ModelArgs(vocab_size=300, hidden_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=128, max_position_embeddings=64))
+    model = Model(
+        ModelArgs(
+            vocab_size=300,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+        )
+    )
     mx.eval(model.parameters())
-    return save_model_dir(tmp_path_factory.mktemp("models") / "short", model,
-                          tokenizer_dir=tokenizer_dir)
+    return save_model_dir(
+        tmp_path_factory.mktemp("models") / "short", model, tokenizer_dir=tokenizer_dir
+    )
 
 
 @pytest.fixture

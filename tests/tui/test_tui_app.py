@@ -19,8 +19,7 @@ from tui.widgets import MessageItem
 SIZE = (80, 24)
 
 
-async def test_a_prompt_streams_a_reply_with_live_figures(make_app, tiny_model_dir,
-                                                          monkeypatch):
+async def test_a_prompt_streams_a_reply_with_live_figures(make_app, tiny_model_dir, monkeypatch):
     live: list[tuple[bool, int]] = []  # (still generating, tokens on the panel) per refresh
     append = MessageItem.append
 
@@ -50,7 +49,9 @@ async def test_a_prompt_streams_a_reply_with_live_figures(make_app, tiny_model_d
         assert 0 < live[1][1] < live[-1][1]
         stored = Store.open(app.home)
         assert [m.content for m in stored.messages(app.conversation.id)] == [
-            user.content, reply.content]
+            user.content,
+            reply.content,
+        ]
         stored.close()
 
 
@@ -59,8 +60,9 @@ async def test_escape_stops_the_reply_and_keeps_it(make_app, tiny_model_dir):
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await send(pilot, "to lay and collect taxes")
-        await wait_until(pilot, lambda: app.speed.stats is not None and
-                         app.speed.stats.generation_tokens >= 20)
+        await wait_until(
+            pilot, lambda: app.speed.stats is not None and app.speed.stats.generation_tokens >= 20
+        )
         asked = time.monotonic()
         press_now(app, "ctrl+o")  # the UI answers while the model writes
         while not isinstance(app.screen, ConversationsScreen):
@@ -71,8 +73,9 @@ async def test_escape_stops_the_reply_and_keeps_it(make_app, tiny_model_dir):
         await wait_until(pilot, lambda: not app.generating, timeout=5)
         reply = app.history[-1]
         assert reply.status == "stopped" and reply.content
-        limit = app.session.context_length - len(app.session.render(
-            [{"role": "user", "content": "to lay and collect taxes"}]))
+        limit = app.session.context_length - len(
+            app.session.render([{"role": "user", "content": "to lay and collect taxes"}])
+        )
         assert app.session.stats.generation_tokens < limit
         assert app.chat_log.items[-1].status == "stopped"
         assert "stopped" in app.chat_log.items[-1].header_text()
@@ -107,8 +110,9 @@ async def test_history_survives_a_restart(make_app, tiny_model_dir):
         await wait_until(pilot, lambda: len(again.history) == 4 and not again.generating)
 
 
-async def test_settings_change_the_sampler_and_are_remembered(make_app, tiny_model_dir,
-                                                              monkeypatch):
+async def test_settings_change_the_sampler_and_are_remembered(
+    make_app, tiny_model_dir, monkeypatch
+):
     seen: list[dict] = []
     greedy = generate.make_sampler()
 
@@ -126,8 +130,15 @@ async def test_settings_change_the_sampler_and_are_remembered(make_app, tiny_mod
         await wait_until(pilot, lambda: len(app.history) == 2 and not app.generating)
         await pilot.press("ctrl+s")
         await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
-        values = {"temperature": "0.5", "top_p": "0.8", "top_k": "7", "min_p": "0.1",
-                  "repetition_penalty": "1.2", "max_tokens": "5", "seed": "42"}
+        values = {
+            "temperature": "0.5",
+            "top_p": "0.8",
+            "top_k": "7",
+            "min_p": "0.1",
+            "repetition_penalty": "1.2",
+            "max_tokens": "5",
+            "seed": "42",
+        }
         for name, value in values.items():
             app.screen.query_one(f"#{name}", Input).value = value
         app.screen.query_one("#system-prompt").load_text("You are terse.")
@@ -144,8 +155,7 @@ async def test_settings_change_the_sampler_and_are_remembered(make_app, tiny_mod
         await ready(pilot)
         assert reopened.settings == SamplingSettings(0.5, 0.8, 7, 0.1, 1.2, 5, 42)
         assert reopened.system_prompt == "You are terse."
-        assert reopened.messages_for_model()[0] == {"role": "system",
-                                                    "content": "You are terse."}
+        assert reopened.messages_for_model()[0] == {"role": "system", "content": "You are terse."}
 
 
 async def test_bad_settings_are_refused_in_the_dialog(make_app):
@@ -238,12 +248,20 @@ async def test_regenerate_and_edit_the_last_message(make_app, tiny_model_dir):
         assert app.prompt.text == "hello"
         assert all(item.has_class("editing") for item in app.chat_log.items)
         await pilot.press("end", *" world", "enter")
-        await wait_until(pilot, lambda: len(app.history) == 2 and not app.generating
-                         and app.history[0].content == "hello world")
+        await wait_until(
+            pilot,
+            lambda: (
+                len(app.history) == 2
+                and not app.generating
+                and app.history[0].content == "hello world"
+            ),
+        )
         assert [i.content for i in app.chat_log.items][0] == "hello world"
         store = Store.open(app.home)
         assert [m.content for m in store.messages(app.conversation.id)] == [
-            "hello world", app.history[-1].content]
+            "hello world",
+            app.history[-1].content,
+        ]
         store.close()
         await pilot.press("ctrl+e")  # Esc abandons an edit
         await pilot.press("escape")
@@ -301,8 +319,9 @@ async def test_conversations_rename_export_delete(make_app, tmp_path):
         app.screen.query_one(Input).value = str(target)
         await pilot.press("enter")
         await wait_until(pilot, lambda: target.exists())
-        assert target.read_text().startswith("# renamed\n") and "## User\n\nhi" in \
-            target.read_text()
+        assert (
+            target.read_text().startswith("# renamed\n") and "## User\n\nhi" in target.read_text()
+        )
         await pilot.press("up", "d")
         await wait_until(pilot, lambda: app.screen is not screen)
         await pilot.press("y")
@@ -314,11 +333,14 @@ async def test_conversations_rename_export_delete(make_app, tmp_path):
         assert app.conversation.id == older.id and app.sub_title == "renamed"
 
 
-async def test_pick_and_switch_models_mid_conversation(make_app, tiny_model_dir,
-                                                       short_context_model_dir):
-    app = make_app(tiny_model_dir, model_roots=[short_context_model_dir.parent,
-                                                tiny_model_dir.parent],
-                   settings=SamplingSettings(max_tokens=8))  # all fits in the short context
+async def test_pick_and_switch_models_mid_conversation(
+    make_app, tiny_model_dir, short_context_model_dir
+):
+    app = make_app(
+        tiny_model_dir,
+        model_roots=[short_context_model_dir.parent, tiny_model_dir.parent],
+        settings=SamplingSettings(max_tokens=8),
+    )  # all fits in the short context
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await send(pilot, "hi")
@@ -343,12 +365,21 @@ async def test_footer_and_palette(make_app, tiny_model_dir):
     app = make_app(tiny_model_dir)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        footer = {b.action for _, b, enabled, _ in app.screen.active_bindings.values()
-                  if b.show and enabled}
+        footer = {
+            b.action
+            for _, b, enabled, _ in app.screen.active_bindings.values()
+            if b.show and enabled
+        }
         assert {"new_chat", "conversations", "pick_model", "settings"} <= footer
         titles = [c.title for c in app.get_system_commands(app.screen)]
-        for title in ("New conversation", "Switch model", "Regenerate last reply",
-                      "Edit last message", "Copy last code block", "Export conversation"):
+        for title in (
+            "New conversation",
+            "Switch model",
+            "Regenerate last reply",
+            "Edit last message",
+            "Copy last code block",
+            "Export conversation",
+        ):
             assert title in titles
         await pilot.press("ctrl+p")
         await pilot.pause()

@@ -19,9 +19,16 @@ REPLY = """An **impost** is a tax on imports.
 def impost(value: float, rate: float = 0.05) -> float:
     return value * rate
 ```"""
-STATS = {"ttft": 0.12, "prompt_tokens": 31, "cached_tokens": 0, "prompt_tps": 250.0,
-         "generation_tokens": 42, "generation_tps": 24.5, "peak_memory": 0.31,
-         "finish_reason": "stop"}
+STATS = {
+    "ttft": 0.12,
+    "prompt_tokens": 31,
+    "cached_tokens": 0,
+    "prompt_tps": 250.0,
+    "generation_tokens": 42,
+    "generation_tps": 24.5,
+    "peak_memory": 0.31,
+    "finish_reason": "stop",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -36,12 +43,13 @@ def utc(monkeypatch):
 @pytest.fixture
 def seeded(tmp_path, tiny_model_dir) -> int:
     store = Store.open(tmp_path / "home")
-    old = store.create_conversation("Letters of marque", model=str(tiny_model_dir),
-                                    now=1_700_000_000.0)
+    old = store.create_conversation(
+        "Letters of marque", model=str(tiny_model_dir), now=1_700_000_000.0
+    )
     store.add_message(old.id, "user", "What is a letter of marque?", now=1_700_000_001.0)
-    conversation = store.create_conversation("Imposts", model=str(tiny_model_dir),
-                                             system_prompt="Answer briefly.",
-                                             now=1_700_100_000.0)
+    conversation = store.create_conversation(
+        "Imposts", model=str(tiny_model_dir), system_prompt="Answer briefly.", now=1_700_100_000.0
+    )
     store.add_message(conversation.id, "user", "What is an impost?", now=1_700_100_001.0)
     store.add_message(conversation.id, "assistant", REPLY, stats=STATS, now=1_700_100_002.0)
     store.close()
@@ -68,8 +76,9 @@ def test_settings_dialog(snap_compare, make_app, tiny_model_dir, seeded):
 
 
 def test_model_picker(snap_compare, make_app, tiny_model_dir, short_context_model_dir):
-    app = make_app(tiny_model_dir, model_roots=[short_context_model_dir.parent,
-                                                tiny_model_dir.parent])
+    app = make_app(
+        tiny_model_dir, model_roots=[short_context_model_dir.parent, tiny_model_dir.parent]
+    )
     assert snap_compare(app, terminal_size=SIZE, run_before=loaded, press=["ctrl+l"])
 
 
@@ -85,5 +94,4 @@ def test_prompt_too_long_error(snap_compare, make_app, short_context_model_dir):
         await wait_until(pilot, lambda: pilot.app.chat_log.query(".error"))
         await pilot.pause()
 
-    assert snap_compare(make_app(short_context_model_dir), terminal_size=SIZE,
-                        run_before=overflow)
+    assert snap_compare(make_app(short_context_model_dir), terminal_size=SIZE, run_before=overflow)

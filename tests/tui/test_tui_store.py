@@ -46,19 +46,21 @@ def test_history_is_private_and_in_wal_mode(tmp_path):
 
 def test_conversations_and_messages(tmp_path):
     store = Store.open(tmp_path)
-    first = store.create_conversation("first", model="m", settings={"temperature": 0.5},
-                                      now=100.0)
+    first = store.create_conversation("first", model="m", settings={"temperature": 0.5}, now=100.0)
     second = store.create_conversation("second", now=200.0)
     assert [c.title for c in store.list_conversations()] == ["second", "first"]
     store.add_message(first.id, "user", "hello", now=300.0)
     reply = store.add_message(first.id, "assistant", "", status="streaming", now=301.0)
-    store.update_message(reply.id, content="hi there", status="done",
-                         stats={"generation_tokens": 3})
+    store.update_message(
+        reply.id, content="hi there", status="done", stats={"generation_tokens": 3}
+    )
     listed = store.list_conversations()
     assert [c.title for c in listed] == ["first", "second"] and listed[0].message_count == 2
     messages = store.messages(first.id)
     assert [(m.role, m.content, m.status) for m in messages] == [
-        ("user", "hello", "done"), ("assistant", "hi there", "done")]
+        ("user", "hello", "done"),
+        ("assistant", "hi there", "done"),
+    ]
     assert messages[1].stats == {"generation_tokens": 3}
     store.update_conversation(first.id, title="renamed", settings={"top_k": 5})
     got = store.get_conversation(first.id)
@@ -75,14 +77,18 @@ def test_conversations_and_messages(tmp_path):
 
 def test_export_markdown(tmp_path):
     store = Store.open(tmp_path)
-    conversation = store.create_conversation("Taxes & duties", model="tiny",
-                                              system_prompt="Be brief.")
+    conversation = store.create_conversation(
+        "Taxes & duties", model="tiny", system_prompt="Be brief."
+    )
     store.add_message(conversation.id, "user", "What is an impost?")
     store.add_message(conversation.id, "assistant", "A tax:\n\n```python\nprint(1)\n```")
     text = store.export_markdown(conversation.id)
     assert text.startswith("# Taxes & duties\n")
-    for part in ("## System\n\nBe brief.", "## User\n\nWhat is an impost?",
-                 "## Assistant\n\nA tax:\n\n```python\nprint(1)\n```"):
+    for part in (
+        "## System\n\nBe brief.",
+        "## User\n\nWhat is an impost?",
+        "## Assistant\n\nA tax:\n\n```python\nprint(1)\n```",
+    ):
         assert part in text
     assert slug("Taxes & duties!") == "taxes-duties"
     store.close()
@@ -106,9 +112,12 @@ WRITER = textwrap.dedent("""
 
 
 def test_a_kill_mid_reply_loses_no_earlier_message(tmp_path):
-    process = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)],
-                               stdout=subprocess.PIPE, text=True,
-                               cwd=Path(__file__).resolve().parents[2])
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert process.stdout.readline().strip() == "ready"
     time.sleep(0.3)
     os.kill(process.pid, signal.SIGKILL)
@@ -120,7 +129,8 @@ def test_a_kill_mid_reply_loses_no_earlier_message(tmp_path):
     (conversation,) = store.list_conversations()
     messages = store.messages(conversation.id)
     assert [m.content for m in messages[:10]] == [
-        text for i in range(5) for text in (f"question {i}", f"answer {i}")]
+        text for i in range(5) for text in (f"question {i}", f"answer {i}")
+    ]
     assert messages[10].status == "interrupted"  # the cut reply is kept, marked
     assert messages[10].content.startswith("word ")
     store.close()

@@ -5,5 +5,10 @@ from tui.screens.dialogs import ConfirmDialog, TextDialog
 from tui.screens.models import ModelPickerScreen
 from tui.screens.settings import SettingsScreen
 
-__all__ = ["ConfirmDialog", "ConversationsScreen", "ModelPickerScreen", "SettingsScreen",
-           "TextDialog"]
+__all__ = [
+    "ConfirmDialog",
+    "ConversationsScreen",
+    "ModelPickerScreen",
+    "SettingsScreen",
+    "TextDialog",
+]

@@ -39,8 +39,11 @@ class ConversationsScreen(ModalScreen[Result | None]):
         with Vertical(classes="dialog", id="conversations-dialog"):
             yield Label("Conversations", classes="dialog-title")
             yield OptionList(id="conversation-list")
-            yield Label("[b]enter[/b] open · [b]n[/b] new · [b]r[/b] rename · [b]d[/b] delete · "
-                        "[b]e[/b] export · [b]esc[/b] close", classes="hint")
+            yield Label(
+                "[b]enter[/b] open · [b]n[/b] new · [b]r[/b] rename · [b]d[/b] delete · "
+                "[b]e[/b] export · [b]esc[/b] close",
+                classes="hint",
+            )
 
     def on_mount(self) -> None:
         self.reload()
@@ -65,8 +68,9 @@ class ConversationsScreen(ModalScreen[Result | None]):
         model = label(conversation.model) if conversation.model else "no model"
         n = conversation.message_count
         count = f"{n} message" if n == 1 else f"{n} messages"
-        return Text.assemble(mark, (conversation.title, "bold"), "\n    ",
-                             (f"{model} · {count} · {when}", "dim"))
+        return Text.assemble(
+            mark, (conversation.title, "bold"), "\n    ", (f"{model} · {count} · {when}", "dim")
+        )
 
     def selected(self) -> Conversation | None:
         index = self.query_one("#conversation-list", OptionList).highlighted
@@ -92,8 +96,9 @@ class ConversationsScreen(ModalScreen[Result | None]):
                 self.store.update_conversation(conversation.id, title=title)
                 self.reload()
 
-        self.app.push_screen(TextDialog("Rename conversation", conversation.title,
-                                        action="Rename"), rename)
+        self.app.push_screen(
+            TextDialog("Rename conversation", conversation.title, action="Rename"), rename
+        )
 
     def action_delete(self) -> None:
         conversation = self.selected()
@@ -123,5 +128,9 @@ class ConversationsScreen(ModalScreen[Result | None]):
                 return
             self.app.notify(f"Exported to {target}")
 
-        self.app.push_screen(TextDialog("Export to Markdown file", f"{slug(conversation.title)}.md",
-                                        action="Export"), export)
+        self.app.push_screen(
+            TextDialog(
+                "Export to Markdown file", f"{slug(conversation.title)}.md", action="Export"
+            ),
+            export,
+        )

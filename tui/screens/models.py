@@ -27,18 +27,30 @@ class ModelPickerScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="model-dialog"):
             yield Label("Choose a model", classes="dialog-title")
-            yield Input(placeholder="a model directory or a Hub repo id (org/name)",
-                        id="model-spec", compact=True)
+            yield Input(
+                placeholder="a model directory or a Hub repo id (org/name)",
+                id="model-spec",
+                compact=True,
+            )
             options = [Option(self._row(entry), id=str(i)) for i, entry in enumerate(self.entries)]
             yield OptionList(*options, id="model-list")
             if not self.entries:
-                yield Label("No model directories found here or in the Hugging Face cache; "
-                            "type a path or a repo id above.", classes="hint")
+                yield Label(
+                    "No model directories found here or in the Hugging Face cache; "
+                    "type a path or a repo id above.",
+                    classes="hint",
+                )
 
     def _row(self, entry: ModelEntry) -> Text:
         mark = "● " if entry.spec == self.current else "  "
-        return Text.assemble(mark, (entry.name, "bold"), "  ", (entry.detail, "dim"),
-                             "  ", (entry.source, "italic dim"))
+        return Text.assemble(
+            mark,
+            (entry.name, "bold"),
+            "  ",
+            (entry.detail, "dim"),
+            "  ",
+            (entry.source, "italic dim"),
+        )
 
     def on_mount(self) -> None:
         if self.entries:

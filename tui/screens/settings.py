@@ -26,8 +26,9 @@ class SettingsScreen(ModalScreen[tuple[str, SamplingSettings] | None]):
 
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
 
-    def __init__(self, system_prompt: str, settings: SamplingSettings, *,
-                 chat_mode: bool = True) -> None:
+    def __init__(
+        self, system_prompt: str, settings: SamplingSettings, *, chat_mode: bool = True
+    ) -> None:
         super().__init__()
         self.system_prompt, self.settings, self.chat_mode = system_prompt, settings, chat_mode
 
@@ -41,8 +42,14 @@ class SettingsScreen(ModalScreen[tuple[str, SamplingSettings] | None]):
                 for name, text, kind, hint in FIELDS:
                     value = getattr(self.settings, name)
                     yield Label(text, classes="field-label")
-                    yield Input("" if value is None else str(value), type=kind, id=name,
-                                placeholder=hint, compact=True, tooltip=hint or None)
+                    yield Input(
+                        "" if value is None else str(value),
+                        type=kind,
+                        id=name,
+                        placeholder=hint,
+                        compact=True,
+                        tooltip=hint or None,
+                    )
             yield Static("", id="settings-error")
             with Horizontal(classes="buttons"):
                 yield Button("Save", variant="primary", id="save", compact=True)

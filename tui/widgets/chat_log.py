@@ -18,13 +18,20 @@ from textual.widgets._markdown import MarkdownFence, MarkdownStream
 
 from appleslm.generate import Stats
 
-FENCE = re.compile(r"^(?P<fence>```+|~~~+)[^\n]*\n(?P<code>.*?)(?:^(?P=fence)[ \t]*$|\Z)",
-                   re.DOTALL | re.MULTILINE)
+FENCE = re.compile(
+    r"^(?P<fence>```+|~~~+)[^\n]*\n(?P<code>.*?)(?:^(?P=fence)[ \t]*$|\Z)", re.DOTALL | re.MULTILINE
+)
 ROLE_NAMES = {"user": "You", "assistant": "Assistant", "system": "System", "error": "Error"}
-STATUS_NOTES = {"stopped": "stopped", "interrupted": "interrupted", "error": "failed",
-                "streaming": "…"}
-EMPTY_HINT = ("Type a message and press [b]Enter[/b] to send, [b]ctrl+j[/b] for a new line.\n"
-              "[b]ctrl+p[/b] lists every command.")
+STATUS_NOTES = {
+    "stopped": "stopped",
+    "interrupted": "interrupted",
+    "error": "failed",
+    "streaming": "…",
+}
+EMPTY_HINT = (
+    "Type a message and press [b]Enter[/b] to send, [b]ctrl+j[/b] for a new line.\n"
+    "[b]ctrl+p[/b] lists every command."
+)
 
 
 def code_blocks(markdown: str) -> list[str]:
@@ -39,11 +46,20 @@ class MessageItem(Vertical):
     """
 
     can_focus = True
-    BINDINGS = [Binding("c", "copy", "Copy", show=False),
-                Binding("y", "copy_code", "Copy code", show=False)]
+    BINDINGS = [
+        Binding("c", "copy", "Copy", show=False),
+        Binding("y", "copy_code", "Copy code", show=False),
+    ]
 
-    def __init__(self, role: str, content: str = "", *, status: str = "done",
-                 stats: Stats | None = None, message_id: int | None = None) -> None:
+    def __init__(
+        self,
+        role: str,
+        content: str = "",
+        *,
+        status: str = "done",
+        stats: Stats | None = None,
+        message_id: int | None = None,
+    ) -> None:
         super().__init__(classes=f"message {role}")
         self.role = role
         self.content = content
@@ -61,8 +77,9 @@ class MessageItem(Vertical):
         if self.status in STATUS_NOTES:
             parts.append(STATUS_NOTES[self.status])
         if self.stats is not None and self.role == "assistant" and self.status != "streaming":
-            parts.append(f"{self.stats.generation_tokens} tok · "
-                         f"{self.stats.generation_tps:.1f} tok/s")
+            parts.append(
+                f"{self.stats.generation_tokens} tok · {self.stats.generation_tps:.1f} tok/s"
+            )
         return " · ".join(parts)
 
     @property
@@ -144,6 +161,6 @@ class ChatLog(VerticalScroll):
         """Remove `item` and everything after it."""
         items = self.items
         if item in items:
-            await self.remove_children(items[items.index(item):])
+            await self.remove_children(items[items.index(item) :])
         if not self.items:
             self.query_one("#empty-hint").display = True

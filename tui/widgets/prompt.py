@@ -34,8 +34,9 @@ class PromptArea(TextArea, inherit_bindings=False):
             self.text = text
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus",
-                         compact=True, **kwargs)
+        super().__init__(
+            soft_wrap=True, show_line_numbers=False, tab_behavior="focus", compact=True, **kwargs
+        )
 
     async def _on_key(self, event: events.Key) -> None:
         if event.key == "enter":

@@ -15,11 +15,13 @@ def memory(gigabytes: float) -> str:
 
 def format_stats(stats: Stats) -> Text:
     text = Text()
-    figures = [("TTFT", f"{stats.ttft:.2f}s"),
-               ("prompt", f"{stats.prompt_tps:,.0f} tok/s"),
-               ("gen", f"{stats.generation_tps:,.1f} tok/s"),
-               ("", f"{stats.generation_tokens:,} tok"),
-               ("peak", memory(stats.peak_memory))]
+    figures = [
+        ("TTFT", f"{stats.ttft:.2f}s"),
+        ("prompt", f"{stats.prompt_tps:,.0f} tok/s"),
+        ("gen", f"{stats.generation_tps:,.1f} tok/s"),
+        ("", f"{stats.generation_tokens:,} tok"),
+        ("peak", memory(stats.peak_memory)),
+    ]
     for i, (name, value) in enumerate(figures):
         if i:
             text.append(" · ", style="dim")
