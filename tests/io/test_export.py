@@ -3,13 +3,13 @@
 import mlx.core as mx
 import mlx_lm
 import pytest
-from conftest import tiny_args
 
 from appleslm.io import load_model, save_model_dir
 from appleslm.io.export import export_llama
 from appleslm.io.model_dir import ModelDirError, read_config
 from appleslm.models import Model
 from appleslm.quant import quantize
+from tests.helpers import tiny_args
 
 PROMPT = mx.array([[5, 17, 42, 99, 3, 250, 7, 8, 9]])
 

@@ -13,12 +13,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hub_server import HubServer, free_port, isolate_hub_client
 from huggingface_hub import ModelCard
 
 from appleslm.io import ModelDirError, load_model
 from appleslm.io.card import MARKER, render_model_card, write_model_card
 from appleslm.io.hub import HubError, push_model, resolve_model
+from tests.hub_server import HubServer, free_port, isolate_hub_client
 
 FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789"
 

@@ -7,10 +7,10 @@ import time
 
 import mlx.core as mx
 from textual.widgets import Input, OptionList
-from tui_helpers import notifications, press_now, ready, send, wait_until
 
 import appleslm.generate as generate
 from appleslm.generate import SamplingSettings
+from tests.tui.tui_helpers import notifications, press_now, ready, send, wait_until
 from tui.model_list import ModelEntry
 from tui.screens import ConversationsScreen, ModelPickerScreen, SettingsScreen
 from tui.store import Store

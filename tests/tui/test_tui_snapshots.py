@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from tui_helpers import ready, send, wait_until
 
+from tests.tui.tui_helpers import ready, send, wait_until
 from tui.store import Store
 
 SIZE = (80, 24)

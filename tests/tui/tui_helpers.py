@@ -1,4 +1,4 @@
-"""Helpers for the chat app's Pilot tests (a module of its own: conftest is not importable)."""
+"""Helpers for the chat app's Pilot and snapshot tests."""
 
 from __future__ import annotations
 
