@@ -122,7 +122,7 @@ def cmd_chat_data(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from tui.app import run_chat
+    from appleslm_tui.app import run_chat
 
     run_chat(
         args.model,
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     from appleslm.io.hub import HubError
     from appleslm.io.model_dir import ModelDirError
     from appleslm.train.loop import TrainingError
-    from tui.store import StoreError
+    from appleslm_tui.store import StoreError
 
     expected = (
         ConfigError,

@@ -9,17 +9,17 @@ training run.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from appleslm.models.appleslm import ModelArgs
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -74,20 +74,27 @@ class RunConfig:
 SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataConfig, "train": TrainConfig}
 
 
+def preset_dir() -> Traversable:
+    """The presets: the repository's `configs/`, installed as the package data `appleslm.configs`."""
+    return importlib.resources.files("appleslm.configs")
+
+
 def find_config(name_or_path: str | Path) -> Path:
     """A YAML file given by path, or a preset name from `configs/` (`tiny`, `mobilellm-125m`)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    preset = preset_dir() / f"{name_or_path}.yaml"
     if preset.is_file():
-        return preset
+        return Path(str(preset))
     known = ", ".join(list_presets())
     raise ConfigError(f"no config file or preset named {str(name_or_path)!r} (presets: {known})")
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in preset_dir().iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from appleslm.generate import ChatSession, SamplingSettings  # noqa: E402
 from appleslm.io import load_model  # noqa: E402
-from tui.app import ChatApp  # noqa: E402
+from appleslm_tui.app import ChatApp  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

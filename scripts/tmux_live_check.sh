@@ -63,9 +63,9 @@ try:
     import_gguf(gguf, out)
     print(f"model: SmolLM2-135M-Instruct imported from {gguf.name}")
 except ImportError as e:
-    sys.path.insert(0, str(Path.cwd() / "tests"))
+    sys.path.insert(0, str(Path.cwd()))
     import mlx.core as mx
-    from conftest import tiny_args, write_tokenizer
+    from tests.helpers import tiny_args, write_tokenizer
     from appleslm.io import save_model_dir
     from appleslm.models import Model
     mx.random.seed(0)
@@ -75,13 +75,7 @@ except ImportError as e:
 EOF
 fi
 
-# the binary: `appleslm chat` when the CLI has it, else the package entry point
-if "$ROOT/.venv/bin/appleslm" chat --help >/dev/null 2>&1; then
-    CMD=("$ROOT/.venv/bin/appleslm" chat)
-else
-    CMD=("$PY" -m tui)
-    say "note: 'appleslm chat' not wired yet; running 'python -m tui'"
-fi
+CMD=("$ROOT/.venv/bin/appleslm" chat)
 START="cd '$ROOT' && TERM=xterm-256color ${CMD[*]} '$MODEL'; echo \"app exited with status \$?\"; sleep 30"
 
 start_app() {

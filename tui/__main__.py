@@ -1,10 +1,10 @@
-"""`python -m tui [MODEL]`: the chat app without the `appleslm` CLI (development, tmux check)."""
+"""`python -m appleslm_tui [MODEL]`: the chat app without the `appleslm` CLI (development, tmux check)."""
 
 import argparse
 
-from tui.app import run_chat
+from appleslm_tui.app import run_chat
 
-parser = argparse.ArgumentParser(prog="python -m tui", description=run_chat.__doc__)
+parser = argparse.ArgumentParser(prog="python -m appleslm_tui", description=run_chat.__doc__)
 parser.add_argument("model", nargs="?", help="a model directory or a Hub repo id")
 parser.add_argument("--system-prompt", default="")
 parser.add_argument("--temp", type=float, default=None)

@@ -20,12 +20,12 @@ from textual.timer import Timer
 from textual.widgets import Footer, Header
 
 from appleslm.generate import ChatSession, GenerationError, SamplingSettings
-from tui.conversation_actions import ConversationActions
-from tui.model_list import ModelEntry, default_roots, label, list_models
-from tui.reply import ReplyBuffer
-from tui.screens import ModelPickerScreen
-from tui.store import Conversation, Store, StoredMessage, data_home
-from tui.widgets import ChatLog, MessageItem, PromptArea, SpeedPanel, code_blocks
+from appleslm_tui.conversation_actions import ConversationActions
+from appleslm_tui.model_list import ModelEntry, default_roots, label, list_models
+from appleslm_tui.reply import ReplyBuffer
+from appleslm_tui.screens import ModelPickerScreen
+from appleslm_tui.store import Conversation, Store, StoredMessage, data_home
+from appleslm_tui.widgets import ChatLog, MessageItem, PromptArea, SpeedPanel, code_blocks
 
 CHAT_DEFAULTS = SamplingSettings(temperature=0.7, top_p=0.95, max_tokens=1024)
 """A new conversation's sampling: lightly random, as chat front-ends usually start."""

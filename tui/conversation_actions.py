@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from appleslm.generate import SamplingSettings, Stats
-from tui.model_list import label
-from tui.screens import ConfirmDialog, ConversationsScreen, SettingsScreen, TextDialog
-from tui.store import slug
-from tui.widgets import MessageItem
+from appleslm_tui.model_list import label
+from appleslm_tui.screens import ConfirmDialog, ConversationsScreen, SettingsScreen, TextDialog
+from appleslm_tui.store import slug
+from appleslm_tui.widgets import MessageItem
 
 
 class ConversationActions:

@@ -13,7 +13,7 @@ import pytest
 from appleslm.generate import SamplingSettings
 from appleslm.io import save_model_dir
 from appleslm.models import Model, ModelArgs
-from tui.app import ChatApp
+from appleslm_tui.app import ChatApp
 
 GREEDY = SamplingSettings(max_tokens=24)
 

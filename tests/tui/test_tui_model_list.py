@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from tui.model_list import label, list_models
+from appleslm_tui.model_list import label, list_models
 
 
 def test_local_dirs_hub_cache_and_recent(tmp_path, tiny_model_dir):

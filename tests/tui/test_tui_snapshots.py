@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests.tui.tui_helpers import ready, send, wait_until
-from tui.store import Store
+from appleslm_tui.store import Store
 
 SIZE = (80, 24)
 REPLY = """An **impost** is a tax on imports.

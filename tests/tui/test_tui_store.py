@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tui.store import DB_NAME, Store, StoreError, data_home, slug
+from appleslm_tui.store import DB_NAME, Store, StoreError, data_home, slug
 
 
 def mode(path: Path) -> int:
@@ -96,7 +96,7 @@ def test_export_markdown(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, time
-    from tui.store import Store
+    from appleslm_tui.store import Store
     store = Store.open(sys.argv[1])
     conversation = store.create_conversation("killed")
     for i in range(5):

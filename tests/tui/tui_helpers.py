@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from textual import events
 
-from tui.app import ChatApp
+from appleslm_tui.app import ChatApp
 
 
 async def wait_until(pilot, predicate: Callable[[], bool], timeout: float = 20.0) -> None:

@@ -13,9 +13,9 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList
 from textual.widgets.option_list import Option
 
-from tui.model_list import label
-from tui.screens.dialogs import ConfirmDialog, TextDialog
-from tui.store import Conversation, Store, slug
+from appleslm_tui.model_list import label
+from appleslm_tui.screens.dialogs import ConfirmDialog, TextDialog
+from appleslm_tui.store import Conversation, Store, slug
 
 Result = tuple[str, int | None]
 """("open", id) or ("new", None)."""

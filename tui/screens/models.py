@@ -12,7 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Label, OptionList
 from textual.widgets.option_list import Option
 
-from tui.model_list import ModelEntry
+from appleslm_tui.model_list import ModelEntry
 
 
 class ModelPickerScreen(ModalScreen[str | None]):

@@ -1,0 +1,1 @@
+"""The presets (`appleslm train tiny`): installed as the package data of `appleslm.configs`."""
