@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import sys
 
 SWITCH = "APPLESLM_BLAS"
@@ -54,8 +55,9 @@ def reexec_with_openblas(command: list[str] | None = None) -> None:
     os.execve(sys.executable, command, env)
 
 
-def blas_in_use() -> str:
-    """What MLX's float matmuls run on in this process, for the run's log."""
+def blas_in_use(verbose: bool = False) -> str:
+    """What MLX's float matmuls run on in this process, for the run's log (the library's full
+    path only when `verbose`)."""
     if sys.platform == "darwin":
         return "Metal GPU / Accelerate (macOS)"
     try:
@@ -66,6 +68,26 @@ def blas_in_use() -> str:
     # numpy's wheel maps its own OpenBLAS too, under renamed symbols MLX cannot use: skip it.
     openblas = sorted(lib for lib in libraries if os.path.basename(lib).startswith("libopenblas"))
     if openblas:
-        return f"OpenBLAS ({openblas[0]})"
+        return f"OpenBLAS ({openblas[0] if verbose else os.path.basename(openblas[0])})"
     hint = "" if os.environ.get(SWITCH) == "reference" else "; apt install libopenblas0-pthread"
     return f"reference BLAS from the mlx-cpu wheel (slow{hint})"
+
+
+def hardware() -> str:
+    """The machine a run trains on, for its provenance: the GPU, or the CPU and its BLAS."""
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        name = mx.metal.device_info().get("device_name", "Apple silicon")
+        return f"{name} GPU (MLX Metal)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = [
+                line.split(":", 1)[1].strip() for line in info if line.startswith("model name")
+            ]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    blas = "OpenBLAS" if blas_in_use().startswith("OpenBLAS") else "reference BLAS"
+    return f"{cpu} ({os.cpu_count()} cores), MLX CPU backend with {blas}"

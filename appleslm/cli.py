@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from appleslm.config import load_config
-    from appleslm.train.loop import train
+    from appleslm.train.pretrain import train
 
     overrides = list(args.overrides)
     if args.steps is not None:
@@ -36,11 +37,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     if result.interrupted:
         return
-    print(
-        f"validation loss {result.val_loss:.4f}, perplexity {result.val_ppl:.2f} "
-        f"after {result.tokens_seen:,} tokens"
-    )
-    print(f"model: {result.model_dir}   try: appleslm generate {result.model_dir} --prompt 'The'")
+    if result.val_loss is not None:
+        print(
+            f"validation loss {result.val_loss:.4f}, perplexity {result.val_ppl:.2f} "
+            f"after {result.tokens_seen:,} tokens"
+        )
+    print(f"model: {result.model_dir}   try: {hint('generate', result.model_dir)} --prompt 'The'")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -54,7 +56,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from appleslm.train.evaluate import evaluate_text
+    from appleslm.evaluate.perplexity import evaluate_text
 
     result = evaluate_text(
         args.model, args.data, seq_len=args.seq_len, trust_remote_code=args.trust_remote_code
@@ -70,7 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from appleslm.generate import GenerationError, SamplingSettings, generate_text
-    from appleslm.io import load_model
+    from appleslm.io.model_dir import load_model
 
     try:
         settings = SamplingSettings(temperature=args.temp or 0.0, top_p=args.top_p, seed=args.seed)
@@ -84,11 +86,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
-    from appleslm.train.sft import SFTConfig, default_run_dir, sft
+    from appleslm.config import SFTConfig, build_dataclass, section_overrides
+    from appleslm.train.sft import default_run_dir, sft
 
     names = ("lora_rank", "lora_layers", "steps", "batch_size", "lr", "max_seq_len", "seed")
-    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    cfg = SFTConfig(lora=args.lora, on_error=args.on_error, **given)
+    values = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    values.update(lora=args.lora, on_error=args.on_error)
+    values.update(section_overrides(args.overrides, "sft"))
+    cfg = build_dataclass(SFTConfig, values, "sft")
     out = Path(args.out) if args.out else default_run_dir(args.model)
     result = sft(
         args.model,
@@ -101,12 +106,11 @@ def cmd_sft(args: argparse.Namespace) -> None:
     )
     if result.interrupted:
         return
-    if result.val_loss_after is not None:
+    if result.val_loss is not None and result.val_loss_before is not None:
         print(
-            f"held-out assistant-token loss {result.val_loss_before:.4f} -> "
-            f"{result.val_loss_after:.4f}"
+            f"held-out assistant-token loss {result.val_loss_before:.4f} -> {result.val_loss:.4f}"
         )
-    print(f"model: {result.model_dir}   try: appleslm chat {result.model_dir}")
+    print(f"model: {result.model_dir}   try: {hint('chat', result.model_dir)}")
 
 
 def cmd_chat_data(args: argparse.Namespace) -> None:
@@ -163,7 +167,7 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> None:
-    from appleslm.io.hub import push_model
+    from appleslm.io.push import push_model
 
     result = push_model(
         args.model,
@@ -196,6 +200,17 @@ def cmd_density(args: argparse.Namespace) -> None:
         z=args.sigma,
     )
     print(json.dumps(report, indent=2) if args.json else format_table(report))
+
+
+def hint(command: str, model_dir: Path | None) -> str:
+    """A command line for what to do next that works as typed, from this shell."""
+    program = Path(sys.argv[0])
+    prefix = (
+        "appleslm"
+        if shutil.which("appleslm") == str(program.resolve())
+        else (f"{Path(sys.executable).parent / 'appleslm'}")
+    )
+    return f"{prefix} {command} {model_dir}"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -283,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="sft.key=value overrides, e.g. sft.grad_accum=2")
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("chat-data", help="write the pip-installed chat corpus as train/valid JSONL")
@@ -385,32 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from appleslm.config import ConfigError
-    from appleslm.data.corpus import DataError
-    from appleslm.density import DensityError
-    from appleslm.generate import GenerationError
-    from appleslm.io.gguf import GGUFError
-    from appleslm.io.hub import HubError
-    from appleslm.io.model_dir import ModelDirError
-    from appleslm.train.loop import TrainingError
-    from appleslm_tui.store import StoreError
+    from appleslm.errors import AppleslmError
 
-    expected = (
-        ConfigError,
-        DataError,
-        DensityError,
-        GenerationError,
-        GGUFError,
-        HubError,
-        ModelDirError,
-        TrainingError,
-        FileNotFoundError,
-        FileExistsError,
-        StoreError,
-    )
     try:
         args.func(args)
-    except expected as e:
+    except AppleslmError as e:
         print(f"appleslm {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -31,7 +31,6 @@ or below the fitted floor (no dense model of any size reaches it).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from appleslm.errors import AppleslmError
+
 MIN_LADDER_POINTS = 4  # three parameters plus at least one degree of freedom for an error estimate
 # Power-law exponents searched; language-model scaling sits around 0.05-0.5.
 _ALPHA_GRID = np.geomspace(1e-3, 5.0, 400)
@@ -49,7 +50,7 @@ _DENSING_GRID = np.geomspace(1e-2, 3.0, 40)  # per exponent; refined by Levenber
 _MAX_EXPONENT = 10.0  # beyond this a refined exponent is a degenerate fit, not a scaling law
 
 
-class DensityError(ValueError):
+class DensityError(AppleslmError, ValueError):
     """A density measurement that cannot be made, with a message that says why and what to fix."""
 
 
@@ -558,32 +559,32 @@ def _find_metadata(path: Path) -> Path:
 
 
 def load_run(path: str | PathLike[str]) -> RunResult:
+    """A run's result from its provenance (`RUN/model/appleslm.json` or `MODEL/appleslm.json`)."""
+    from appleslm.io.files import ModelDirError, read_provenance
+
     path = Path(path)
     meta_path = _find_metadata(path)
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DensityError(f"{meta_path}: cannot read run metadata ({exc})") from exc
-    params = meta.get("params")
-    if isinstance(params, (int, float)):  # a bare count is the total
-        params = {"params_total": int(params)}
-    if not isinstance(params, dict):
+        provenance = read_provenance(meta_path.parent)
+    except ModelDirError as exc:
+        raise DensityError(str(exc)) from exc
+    if not provenance.params:
         raise DensityError(f"{meta_path}: no 'params' parameter counts")
-    loss = meta.get("val_loss")
-    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
-        raise DensityError(f"{meta_path}: no finite 'val_loss' (has the run finished training?)")
+    quality = provenance.quality
+    if quality is None or not math.isfinite(quality.loss):
+        raise DensityError(f"{meta_path}: no finite validation loss (has the run finished?)")
     # Name a run after its run dir, not after the "model" folder inside it.
     folder = meta_path.parent
     default_name = folder.parent.name if folder.name == "model" else folder.name
-    tokens = meta.get("tokens_seen")
+    pretraining = provenance.pretraining
     return RunResult(
-        name=str(meta.get("name") or default_name),
-        variant=str(meta.get("variant") or "unknown"),
-        params={k: int(v) for k, v in params.items() if isinstance(v, (int, float))},
-        loss=float(loss),
-        tokens=int(tokens) if isinstance(tokens, (int, float)) else None,
+        name=provenance.name or default_name,
+        variant=provenance.variant,
+        params={k: int(v) for k, v in provenance.params.items() if isinstance(v, int | float)},
+        loss=float(quality.loss),
+        tokens=pretraining.tokens if pretraining is not None else None,
         path=str(path),
-        meta=meta,
+        meta=provenance.to_dict(),
     )
 
 

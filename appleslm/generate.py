@@ -20,6 +20,9 @@ from mlx_lm.generate import GenerationResponse, stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from appleslm.errors import AppleslmError
+from appleslm.models import context_length
+
 Message = Mapping[str, str]
 """A chat message: {"role": "system" | "user" | "assistant", "content": text}."""
 
@@ -28,7 +31,7 @@ PREFILL_STEP = 512
 (checked between steps) interrupt a long prompt sooner at a negligible cost in prefill speed."""
 
 
-class GenerationError(RuntimeError):
+class GenerationError(AppleslmError, RuntimeError):
     """A reply could not be generated; the message is meant for the user."""
 
 
@@ -150,16 +153,6 @@ class Stats:
             f"gen {self.generation_tps:.1f} tok/s · {self.generation_tokens} tok · "
             f"peak {self.peak_memory:.2f} GB"
         )
-
-
-def context_length(model: Any) -> int | None:
-    """The model's context window (`max_position_embeddings`), when its config declares one."""
-    args = getattr(model, "args", None)
-    for name in ("max_position_embeddings", "max_sequence_length", "n_positions", "n_ctx"):
-        value = getattr(args, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -7,19 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.utils import compute_bits_per_weight, quantize_model
 
-from appleslm.config import DataConfig
-from appleslm.io.hub import resolve_model
+from appleslm.evaluate.perplexity import eval_window, evaluate_tokens, held_out_tokens
+from appleslm.io.files import ModelDirError, QuantRecord, read_config, read_provenance
 from appleslm.io.model_dir import (
-    ModelDirError,
+    display_name,
     load_model,
-    read_config,
-    read_provenance,
+    model_reference,
+    resolve_model,
     save_model_dir,
 )
-from appleslm.train.evaluate import context_length, evaluate_tokens, tokenize_text
 
 BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -77,19 +75,6 @@ def quant_predicate(model: nn.Module, bits: int, group_size: int, recipe: str):
     return predicate
 
 
-def validation_tokens(model_dir: Path, tokenizer, text: str | None) -> np.ndarray | None:
-    """The user's text, else the validation split of the corpus the model was trained on."""
-    if text is not None:
-        return tokenize_text(tokenizer, text)[:EVAL_TOKENS]
-    data_config = read_provenance(model_dir).get("data_config")
-    if data_config is None:
-        return None
-    from appleslm.data import prepare_data
-
-    cfg = DataConfig(**{**data_config, "tokenizer": str(model_dir)})
-    return np.asarray(prepare_data(cfg, vocab_size=tokenizer.vocab_size).val[:EVAL_TOKENS])
-
-
 def quantize(
     model_spec: str | Path,
     out_dir: str | Path,
@@ -109,8 +94,8 @@ def quantize(
     if "quantization" in config:
         raise ModelDirError(f"{model_dir} is already quantized; quantize the float model")
     model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
-    tokens = validation_tokens(model_dir, tokenizer, eval_text)
-    seq_len = context_length(model)
+    tokens = held_out_tokens(model_dir, tokenizer, eval_text, EVAL_TOKENS)
+    seq_len = eval_window(model)
     before = evaluate_tokens(model, tokens, seq_len)["ppl"] if tokens is not None else None
 
     skipped = ungroupable(model, group_size)
@@ -119,17 +104,18 @@ def quantize(
     after = evaluate_tokens(model, tokens, seq_len)["ppl"] if tokens is not None else None
 
     provenance = read_provenance(model_dir)
-    provenance["quantization"] = {
-        "bits": bits,
-        "group_size": group_size,
-        "recipe": recipe,
-        "mode": "affine",
-        "skipped": skipped,
-        "bits_per_weight": compute_bits_per_weight(model),
-        "val_ppl_float": before,
-        "val_ppl_quantized": after,
-        "eval_tokens": 0 if tokens is None else len(tokens),
-    }
+    provenance.name = display_name(out_dir)
+    provenance.base_model = model_reference(model_spec, model_dir)
+    provenance.quantization = QuantRecord(
+        bits=bits,
+        group_size=group_size,
+        recipe=recipe,
+        bits_per_weight=compute_bits_per_weight(model),
+        kept_float=skipped,
+        ppl_float=before,
+        ppl_quantized=after,
+        eval_tokens=0 if tokens is None else len(tokens),
+    )
     out = save_model_dir(
         out_dir, model, tokenizer_dir=model_dir, provenance=provenance, config=config
     )

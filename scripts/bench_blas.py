@@ -20,15 +20,17 @@ import json, sys, tempfile, time
 from pathlib import Path
 from appleslm.blas import blas_in_use
 from appleslm.config import load_config
-from appleslm.train.loop import Trainer
+from appleslm.train.pretrain import Pretraining
+from appleslm.train.trainer import Trainer
 cfg = load_config(sys.argv[1])
 with tempfile.TemporaryDirectory() as tmp:
-    trainer = Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda message: None)
+    task = Pretraining(cfg, Path(tmp) / "run")
+    trainer = Trainer(task, cfg.train, Path(tmp) / "run", progress=False, log=lambda message: None)
     for _ in range(2):
-        trainer.train_step()
+        trainer.train_step(task.step_batch(trainer.step))
     start = time.perf_counter()
     for _ in range(int(sys.argv[2])):
-        trainer.train_step()
+        trainer.train_step(task.step_batch(trainer.step))
     seconds = (time.perf_counter() - start) / int(sys.argv[2])
 tokens = cfg.train.batch_size * cfg.train.seq_len
 print(json.dumps({"blas": blas_in_use(), "tok_s": tokens / seconds}))

@@ -28,7 +28,7 @@ from mlx_lm import stream_generate  # noqa: E402
 from mlx_lm.utils import quantize_model  # noqa: E402
 
 from appleslm.generate import SamplingSettings, stream_tokens  # noqa: E402
-from appleslm.io import load_model, save_model_dir  # noqa: E402
+from appleslm.io.model_dir import load_model, save_model_dir  # noqa: E402
 from appleslm.models import Model, ModelArgs  # noqa: E402
 
 TEN_M = dict(

@@ -37,7 +37,9 @@ from mlx_lm.models import llama  # noqa: E402
 
 from appleslm.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
 from appleslm.models import Model, ModelArgs, parameter_counts  # noqa: E402
-from appleslm.train.loop import Trainer, cross_entropy, generator_loss, model_inputs  # noqa: E402
+from appleslm.train.losses import model_batch, to_mx, token_loss  # noqa: E402
+from appleslm.train.pretrain import Pretraining  # noqa: E402
+from appleslm.train.trainer import Trainer  # noqa: E402
 
 SHAPES = {  # the ~10M and ~1M deep-thin shapes of shared/reference/perf-baselines.md
     "10m": dict(
@@ -65,6 +67,11 @@ GENERATOR = dict(
     generator_knots=16,
     generator_rank=8,
 )
+
+
+def mean_token_loss(model, batch):
+    total, count = token_loss(model, batch)
+    return total / count
 
 
 def compiled_step(model: nn.Module, loss):
@@ -133,9 +140,12 @@ def bench_step(shape, dtype, batch_size, seq_len, reps):
     anchor = llama.Model(llama_args(shape))
     for m in (ours, anchor):
         m.set_dtype(dtype)
-    ours_step, anchor_step = compiled_step(ours, cross_entropy), compiled_step(anchor, llama_loss)
+    ours_step, anchor_step = compiled_step(ours, mean_token_loss), compiled_step(anchor, llama_loss)
     xs, ys = mx.array(x), mx.array(y)
-    t_ours, t_anchor, ratio = paired(lambda: ours_step(xs, ys), lambda: anchor_step(xs, ys), reps)
+    ours_batch = to_mx(model_batch(ours, x, y))
+    t_ours, t_anchor, ratio = paired(
+        lambda: ours_step(ours_batch), lambda: anchor_step(xs, ys), reps
+    )
     tokens = batch_size * seq_len
     print(
         f"[step] ours {tokens / t_ours:.0f} tok/s, mlx-lm llama {tokens / t_anchor:.0f} tok/s, "
@@ -154,27 +164,20 @@ def bench_generator(shape, dtype, batch_size, seq_len, reps):
         name: parameter_counts(m)["params_total"] / 1e6
         for name, m in (("tied", table), ("untied", untied), ("leviathan", lev))
     }
-    steps = {
-        "tied": compiled_step(table, cross_entropy),
-        "untied": compiled_step(untied, cross_entropy),
-        "leviathan": compiled_step(lev, generator_loss),
-    }
-    inputs = {
-        "tied": model_inputs(table, x, y),
-        "untied": model_inputs(untied, x, y),
-        "leviathan": model_inputs(lev, x, y),
-    }
+    models = {"tied": table, "untied": untied, "leviathan": lev}
+    steps = {name: compiled_step(m, mean_token_loss) for name, m in models.items()}
+    inputs = {name: to_mx(model_batch(m, x, y)) for name, m in models.items()}
     for anchor in ("tied", "untied"):
         t_lev, t_anchor, ratio = paired(
-            lambda: steps["leviathan"](*inputs["leviathan"]),
-            lambda a=anchor: steps[a](*inputs[a]),
+            lambda: steps["leviathan"](inputs["leviathan"]),
+            lambda a=anchor: steps[a](inputs[a]),
             reps,
         )
         print(
             f"[generator] leviathan {counts['leviathan']:.2f}M vs {anchor} table "
             f"{counts[anchor]:.2f}M: step {t_lev * 1e3:.0f} ms vs {t_anchor * 1e3:.0f} ms, "
             f"overhead {100 * (1 / ratio - 1):+.1f}% (median of {reps} paired runs; "
-            f"{int(inputs['leviathan'][2].size)} distinct ids evaluated for "
+            f"{int(inputs['leviathan']['unique_ids'].size)} distinct ids evaluated for "
             f"{batch_size * seq_len} positions)"
         )
 
@@ -192,14 +195,15 @@ def bench_loop(shape, dtype, batch_size, seq_len, reps):
                 dtype="bfloat16" if dtype == mx.bfloat16 else "float32",
             ),
         )
-        trainer = Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda m: None)
+        task = Pretraining(cfg, Path(tmp) / "run")
+        trainer = Trainer(task, cfg.train, Path(tmp) / "run", progress=False, log=lambda m: None)
         anchor = llama.Model(llama_args(shape))
         anchor.set_dtype(dtype)
         anchor_step = compiled_step(anchor, llama_loss)
-        batches = iter(lambda: trainer.batches.next_batch(), None)
+        batches = iter(lambda: task.batches.next_batch(), None)
 
         def ours():
-            trainer.train_step()
+            trainer.train_step(task.step_batch(trainer.step))
 
         def theirs():
             x, y = next(batches)

@@ -12,7 +12,7 @@ import yaml
 
 from appleslm.config import DataConfig, RunConfig, TrainConfig
 from appleslm.data.corpus import BUNDLED_CORPUS
-from appleslm.io import save_model_dir
+from appleslm.io.model_dir import save_model_dir
 from appleslm.models import Model, ModelArgs
 from tests.helpers import MICRO_MODEL, tiny_args, write_tokenizer
 
@@ -32,7 +32,6 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
         tmp_path_factory.mktemp("models") / "tiny",
         model,
         tokenizer_dir=tokenizer_dir,
-        provenance={"note": "random weights"},
     )
 
 
@@ -54,7 +53,7 @@ def token_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory, corpus_dir, token_cache) -> Path:
     """A micro model really trained for a few seconds on real text (in process)."""
-    from appleslm.train.loop import train
+    from appleslm.train.pretrain import train
 
     cfg = RunConfig(
         model=ModelArgs(**MICRO_MODEL),

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import mlx.core as mx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from appleslm.models import ModelArgs
@@ -65,3 +70,41 @@ def tiny_args(**overrides) -> ModelArgs:
     )
     values.update(overrides)
     return ModelArgs(**values)
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    """Step -> training loss, from a run directory's metrics.jsonl."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def final_weights(run: Path) -> dict[str, mx.array]:
+    return mx.load(str(run / "model" / "model.safetensors"))
+
+
+def run_on_two_ranks(command: list[str]) -> str:
+    """`command` as two data-parallel processes over mlx.launch (ring backend on loopback)."""
+    launch = [str(Path(sys.executable).parent / "mlx.launch"), "--backend", "ring", "-n", "2"]
+    done = subprocess.run(
+        [*launch, *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    output = done.stdout + done.stderr
+    # mlx.launch exits 0 even when a rank fails: read what the ranks said.
+    assert "exited with code" not in output and "Traceback" not in output, output
+    assert "2 ranks in sync" in output, output
+    return output
+
+
+def assert_same_run(single: Path, parallel: Path) -> None:
+    """Losses and final weights of two runs agree (to float32 reduction-order noise)."""
+    one, two = train_losses(single), train_losses(parallel)
+    assert one.keys() == two.keys()
+    for step in one:
+        assert math.isclose(one[step], two[step], rel_tol=1e-4), step
+    a, b = final_weights(single), final_weights(parallel)
+    for name in a:
+        assert mx.allclose(a[name], b[name], atol=1e-4).item(), name

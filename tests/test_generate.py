@@ -19,7 +19,7 @@ from appleslm.generate import (
     Stats,
     generate_text,
 )
-from appleslm.io import load_model, save_model_dir
+from appleslm.io.model_dir import load_model, save_model_dir
 from appleslm.models import Model, ModelArgs
 
 GREEDY = SamplingSettings(max_tokens=12)

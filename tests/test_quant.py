@@ -1,15 +1,13 @@
 """Quantization: real quantized weights that reload to the same logits and keep perplexity."""
 
-import json
-
 import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
 from mlx_lm.utils import quantize_model
 
-from appleslm.io import load_model
-from appleslm.io.model_dir import ModelDirError, read_config
+from appleslm.io.files import ModelDirError, read_config, read_provenance
+from appleslm.io.model_dir import load_model
 from appleslm.quant import quantize
 
 PROMPT = mx.array([[5, 17, 42, 99, 3, 250, 7]])
@@ -44,8 +42,8 @@ def test_weights_are_really_quantized(quantized_8bit):
 def test_perplexity_is_reported_on_the_training_validation_split(quantized_8bit):
     assert quantized_8bit.eval_tokens > 1000
     assert abs(quantized_8bit.ppl_change) < 0.005  # 8-bit: within 0.5% of float
-    provenance = json.loads((quantized_8bit.out_dir / "appleslm.json").read_text())
-    assert provenance["quantization"]["val_ppl_quantized"] == quantized_8bit.ppl_after
+    provenance = read_provenance(quantized_8bit.out_dir)
+    assert provenance.quantization.ppl_quantized == quantized_8bit.ppl_after
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6])

@@ -11,6 +11,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from appleslm_tui.conversation_actions import ConversationActions
+from appleslm_tui.model_list import ModelEntry, default_roots, label, list_models
+from appleslm_tui.reply import ReplyBuffer
+from appleslm_tui.screens import ModelPickerScreen
+from appleslm_tui.store import Conversation, Store, StoredMessage, data_home
+from appleslm_tui.widgets import ChatLog, MessageItem, PromptArea, SpeedPanel, code_blocks
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -20,12 +26,6 @@ from textual.timer import Timer
 from textual.widgets import Footer, Header
 
 from appleslm.generate import ChatSession, GenerationError, SamplingSettings
-from appleslm_tui.conversation_actions import ConversationActions
-from appleslm_tui.model_list import ModelEntry, default_roots, label, list_models
-from appleslm_tui.reply import ReplyBuffer
-from appleslm_tui.screens import ModelPickerScreen
-from appleslm_tui.store import Conversation, Store, StoredMessage, data_home
-from appleslm_tui.widgets import ChatLog, MessageItem, PromptArea, SpeedPanel, code_blocks
 
 CHAT_DEFAULTS = SamplingSettings(temperature=0.7, top_p=0.95, max_tokens=1024)
 """A new conversation's sampling: lightly random, as chat front-ends usually start."""
@@ -229,7 +229,7 @@ class ChatApp(ConversationActions, App):
 
     @work(thread=True, exclusive=True, group="load", exit_on_error=False)
     def _load_worker(self, spec: str) -> None:
-        from appleslm.io import ModelDirError, load_model
+        from appleslm.io.model_dir import ModelDirError, load_model
 
         try:
             model, tokenizer = load_model(spec, trust_remote_code=self.trust_remote_code)

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from appleslm.io.hub import is_repo_id
+
 SCAN_DEPTH = 2
 
 
@@ -132,7 +134,7 @@ def list_models(
         path = Path(spec)
         if path.exists() and is_model_dir(path):
             entries.append(ModelEntry(label(spec), str(path.resolve()), "recent", describe(path)))
-        elif not path.exists() and spec.count("/") == 1:
+        elif not path.exists() and is_repo_id(spec):
             entries.append(ModelEntry(spec, spec, "recent", "Hub repo id"))
     entries += local_models(roots)
     if hub_cache is not False:

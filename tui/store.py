@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appleslm.errors import AppleslmError
+
 HOME_ENV = "APPLESLM_HOME"
 DB_NAME = "history.sqlite3"
 SCHEMA_VERSION = 1
@@ -79,7 +81,7 @@ class StoredMessage:
     created: float = field(default_factory=time.time)
 
 
-class StoreError(RuntimeError):
+class StoreError(AppleslmError, RuntimeError):
     """The history file cannot be opened (unreadable, corrupt, not a database)."""
 
 

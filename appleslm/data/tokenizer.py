@@ -9,7 +9,6 @@ AutoTokenizer) loads from a model directory.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,7 +31,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-_HF_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
 _NO_MAX_LENGTH = int(1e30)  # transformers' own "no limit" value (VERY_LARGE_INTEGER)
 
 
@@ -76,8 +74,6 @@ def load_tokenizer_file(spec: str) -> Tokenizer:
         if not path.is_file():
             raise DataError(f"no tokenizer.json in {path.parent}")
     elif not path.exists():
-        if not _HF_REPO.match(spec):
-            raise DataError(f"tokenizer not found: {spec} (want a tokenizer.json, dir or Hub repo)")
         path = _hub_tokenizer(spec)
     try:
         return Tokenizer.from_file(str(path))
@@ -118,13 +114,12 @@ def save_tokenizer(
     (model_dir / "chat_template.jinja").write_text(chat_template)
 
 
-def _hub_tokenizer(repo_id: str) -> Path:
-    from huggingface_hub import hf_hub_download  # deferred: only Hub users need the network stack
+def _hub_tokenizer(spec: str) -> Path:
+    from appleslm.io.hub import HubError, download, is_repo_id
 
+    if not is_repo_id(spec):
+        raise DataError(f"tokenizer not found: {spec} (want a tokenizer.json, dir or Hub repo)")
     try:
-        return Path(hf_hub_download(repo_id=repo_id, filename="tokenizer.json"))
-    except Exception as e:  # not found, gated, offline: all mean "cannot use this tokenizer"
-        raise DataError(
-            f"could not get tokenizer.json from Hugging Face repo {repo_id!r}: "
-            f"{type(e).__name__}: {e}"
-        ) from e
+        return download(spec, filename="tokenizer.json")
+    except HubError as e:
+        raise DataError(f"could not get tokenizer.json from Hugging Face repo {spec!r}: {e}") from e

@@ -14,12 +14,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from appleslm.io.hub import resolve_model
+from appleslm.io.files import ModelDirError, read_config, read_provenance
 from appleslm.io.model_dir import (
-    ModelDirError,
+    display_name,
     load_model,
-    read_config,
-    read_provenance,
+    model_reference,
+    resolve_model,
     save_model_dir,
 )
 
@@ -83,7 +83,9 @@ def export_llama(model_spec: str | Path, out_dir: str | Path) -> Path:
     exported = llama.Model(llama.ModelArgs.from_dict(exported_config))
     exported.load_weights(list(llama_weights(model).items()), strict=True)
     provenance = read_provenance(model_dir)
-    provenance["exported_from"] = {
+    provenance.name = display_name(out_dir)
+    provenance.base_model = model_reference(model_spec, model_dir)
+    provenance.exported_from = {
         "model_type": "appleslm",
         "embedding": model.args.embedding,
         "layer_repeat": config.get("layer_repeat", 1),

@@ -36,16 +36,20 @@ import hashlib
 import json
 import mmap
 import struct
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from appleslm.io.model_dir import PROVENANCE_FILE, atomic_directory
+from appleslm.errors import AppleslmError, ExistingFileError, MissingFileError
+from appleslm.io.files import Provenance
+from appleslm.io.model_dir import save_model_dir
 
 __all__ = [
     "SUPPORTED_TENSOR_TYPES",
@@ -57,7 +61,7 @@ __all__ = [
 ]
 
 
-class GGUFError(ValueError):
+class GGUFError(AppleslmError, ValueError):
     """A GGUF file this importer cannot convert, with a message that says why."""
 
 
@@ -121,9 +125,6 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-
-_SHARD_BYTES = 5 << 30  # mlx-lm's own shard size
-
 
 # --------------------------------------------------------------------------------------------
 # GGUF header reader
@@ -455,30 +456,31 @@ def _convert_weights(
     return weights, quantization
 
 
-def _save_weights(out: Path, weights: dict[str, mx.array], n_params: int) -> None:
-    shards: list[dict] = [{}]
-    size = 0
-    for key in sorted(weights):
-        nbytes = weights[key].nbytes
-        if shards[-1] and size + nbytes > _SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][key] = weights[key]
-        size += nbytes
-    pattern = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = pattern.format(i + 1, len(shards))
-        mx.save_safetensors(str(out / name), shard, metadata={"format": "mlx"})
-        weight_map.update(dict.fromkeys(shard, name))
-    index = {
-        "metadata": {
-            "total_size": sum(v.nbytes for v in weights.values()),
-            "total_parameters": n_params,
-        },
-        "weight_map": weight_map,
-    }
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+def _llama_model(config: dict[str, Any], weights: dict[str, mx.array]) -> nn.Module:
+    """mlx-lm's llama with the converted weights loaded, quantized layers where the GGUF was.
+
+    Loading strictly into the real architecture checks every name and shape before anything is
+    written; the skeleton is quantized layer by layer as mlx-lm's own loader does.
+    """
+    from mlx_lm.models import llama
+    from mlx_lm.utils import infer_quant_config
+
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    quantization = config.get("quantization")
+    if quantization is not None:
+
+        def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
+            if isinstance(quantization.get(path), dict):
+                return quantization[path]
+            if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+                return False
+            return infer_quant_config(path, module, weights)
+
+        nn.quantize(
+            model, quantization["group_size"], quantization["bits"], class_predicate=predicate
+        )
+    model.load_weights(list(weights.items()), strict=True)
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,9 +715,9 @@ def _sha256(path: Path) -> str:
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
+        raise ExistingFileError(f"{out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
+        raise ExistingFileError(
             f"{out_dir} already exists and is not empty; choose a new directory or pass "
             "overwrite=True (--overwrite) to replace it"
         )
@@ -731,7 +733,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool =
     """
     gguf_path, out_dir = Path(gguf_path).expanduser(), Path(out_dir).expanduser().resolve()
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+        raise MissingFileError(f"GGUF file not found: {gguf_path}")
     _check_out_dir(out_dir, overwrite)
 
     header = read_gguf_header(gguf_path)
@@ -750,17 +752,18 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool =
         # mlx-lm's own save_config mirrors the map into quantization_config too.
         config["quantization"] = quantization
         config["quantization_config"] = quantization
-    n_params = sum(t.n_elements for t in header.tensors.values())
-
-    # Staged next to out_dir and swapped in whole, as every model directory in appleslm is.
-    with atomic_directory(out_dir) as staging:
-        _save_weights(staging, weights, n_params)
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tokenizer.save(str(staging / "tokenizer.json"))
-        (staging / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-        provenance = {
-            "source": {"gguf": gguf_path.name, "sha256": _sha256(gguf_path)},
-            "params": n_params,
-        }
-        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    provenance = Provenance(
+        name=out_dir.name,
+        variant="llama",
+        params={"params_total": sum(t.n_elements for t in header.tensors.values())},
+        base_model=header.metadata.get("general.name") or gguf_path.stem,
+        imported_from={"format": "GGUF", "file": gguf_path.name, "sha256": _sha256(gguf_path)},
+    )
+    model = _llama_model(config, weights)
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        tokenizer.save(str(Path(tokenizer_dir) / "tokenizer.json"))
+        (Path(tokenizer_dir) / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+        save_model_dir(
+            out_dir, model, tokenizer_dir=tokenizer_dir, provenance=provenance, config=config
+        )
     return out_dir

@@ -1,29 +1,26 @@
-"""The Hugging Face Hub: resolve a MODEL argument to a local directory, and push one.
+"""Every call appleslm makes to the Hugging Face Hub: downloads (models, datasets, single files) and
+uploads, with one repo-id check, bounded timeouts and errors that say what to do.
 
-Both go through stock `huggingface_hub` (`snapshot_download`, `HfApi.create_repo` +
-`upload_folder`; mlx-lm's own upload helper calls an API that hub 2.x removed), so the same code
-talks to huggingface.co, a mirror (HF_ENDPOINT / --endpoint) or the loopback stub the tests run.
-The token comes from the argument, HF_TOKEN or `hf auth login`; it is never printed, logged or
-put into an error message.
+All of it goes through stock `huggingface_hub` (`snapshot_download`, `hf_hub_download`,
+`HfApi.create_repo` + `upload_folder`; mlx-lm's own upload helper calls an API that hub 2.x
+removed), so the same code talks to huggingface.co, a mirror (HF_ENDPOINT / --endpoint) or the
+loopback stub the tests run. The endpoint is read at call time and always passed explicitly.
+The token comes from the argument, HF_TOKEN or `hf auth login`; it is never printed, logged or put
+into an error message.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from appleslm.io.card import CARD_FILE, is_generated_card, render_model_card
-from appleslm.io.model_dir import ModelDirError, read_config
+from appleslm.errors import AppleslmError
 
-log = logging.getLogger(__name__)
-
+LOGIN_HINT = "run `hf auth login` or set HF_TOKEN"
+TIMEOUT_ENV = "APPLESLM_HUB_TIMEOUT"
+CONNECT_TIMEOUT = 10.0  # seconds to open a connection
+DEFAULT_TIMEOUT = 60.0  # seconds of silence from a connected server before giving up
 # mlx-lm's download patterns (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS) plus the model card
 MODEL_PATTERNS = [
     "*.json",
@@ -37,182 +34,150 @@ MODEL_PATTERNS = [
     "*.jinja",
     "README.md",
 ]
-LOGIN_HINT = "run `hf auth login` or set HF_TOKEN"
 
 
-class HubError(RuntimeError):
+class HubError(AppleslmError, RuntimeError):
     """Talking to the Hub failed: network, credentials, permissions or the server itself."""
-
-
-@dataclass
-class PushResult:
-    url: str  # the repo's page
-    files: list[str]  # paths in the repo, README.md included
-    dry_run: bool = False
-    card: str = ""  # the README.md that was (or would be) uploaded
-    commit: str | None = None  # commit id; None on a dry run
-    sizes: dict[str, int] = field(default_factory=dict)  # bytes per file
 
 
 def hub_endpoint(endpoint: str | None = None) -> str:
     """The Hub to talk to: the argument, else HF_ENDPOINT, else huggingface.co.
 
-    HF_ENDPOINT is read now rather than trusted to huggingface_hub's import-time constant, and the
-    endpoint is always passed explicitly, so one setting moves API calls and file downloads alike.
+    HF_ENDPOINT is read now rather than trusted to huggingface_hub's import-time constant, so one
+    setting moves API calls and file downloads alike.
     """
     from huggingface_hub import constants
 
     return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
-def resolve_model(spec: str | Path) -> Path:
-    """A local model directory as is; anything else is a Hub repo id, downloaded once and cached."""
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    text = str(spec)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1 or not _valid_repo_id(text):
-        raise ModelDirError(
-            f"{text!r}: no such model directory, and not a Hub repo id (namespace/name)"
-        )
-    from huggingface_hub import constants, snapshot_download
+def is_repo_id(text: str) -> bool:
+    """Whether `text` is a Hub repo id (`namespace/name`); the one check every command uses."""
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_timeout() -> float:
+    raw = os.environ.get(TIMEOUT_ENV)
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        raise HubError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise HubError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw}")
+    return value
+
+
+def _client_with_timeouts():
+    """huggingface_hub's own HTTP client, with timeouts instead of its default of none."""
+    from huggingface_hub.utils import _http
+
+    client = _http.default_client_factory()
+    client.timeout = type(client.timeout)(hub_timeout(), connect=CONNECT_TIMEOUT)
+    return client
+
+
+def _use_bounded_client() -> None:
+    """Install the timed client once per process (huggingface_hub shares one client)."""
+    from huggingface_hub import set_client_factory
+
+    if not getattr(_use_bounded_client, "done", False):
+        set_client_factory(_client_with_timeouts)
+        _use_bounded_client.done = True
+
+
+def download(
+    repo_id: str,
+    *,
+    repo_type: str = "model",
+    allow_patterns: list[str] | None = None,
+    filename: str | None = None,
+) -> Path:
+    """A repo snapshot (or one `filename` of it) in the local Hub cache, downloaded if needed.
+
+    Falls back to the cache when the Hub is unreachable (huggingface_hub's own behaviour) and
+    raises `HubError` with a sentence that says what went wrong otherwise.
+    """
+    what = f"{repo_type} {repo_id}"
+    if not is_repo_id(repo_id):
+        raise HubError(f"{repo_id!r} is not a Hub repo id (namespace/name)")
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
 
+    _use_bounded_client()
     endpoint = hub_endpoint()
     try:
-        return Path(snapshot_download(text, allow_patterns=MODEL_PATTERNS, endpoint=endpoint))
+        if filename is not None:
+            path = hf_hub_download(
+                repo_id=repo_id, filename=filename, repo_type=repo_type, endpoint=endpoint
+            )
+            return Path(path)
+        path = snapshot_download(
+            repo_id=repo_id, repo_type=repo_type, allow_patterns=allow_patterns, endpoint=endpoint
+        )
+        return Path(path)
     except GatedRepoError as e:
-        raise ModelDirError(
-            f"{text} is gated on {endpoint}: accept its terms on the model page, then {LOGIN_HINT}"
+        raise HubError(
+            f"{what} is gated on {endpoint}: accept its terms on its page, then {LOGIN_HINT}"
         ) from e
     except RepositoryNotFoundError as e:
-        raise ModelDirError(
-            f"no model directory {text} here and no model {text} on {endpoint} "
-            f"(if it is private, {LOGIN_HINT})"
-        ) from e
+        raise HubError(f"no {what} on {endpoint} (if it is private, {LOGIN_HINT})") from e
     except HfHubHTTPError as e:
-        raise ModelDirError(
-            f"cannot download {text} from {endpoint}: {_http_problem(e, text)}"
+        raise HubError(
+            f"cannot download {what} from {endpoint}: {_http_problem(e, repo_id)}"
         ) from e
     except LocalEntryNotFoundError as e:
-        # snapshot_download falls back to the cache when the Hub is unreachable; this is "not there"
+        # The Hub was unreachable and the cache has nothing: "not there", said plainly.
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"cannot reach {endpoint}"
-        raise ModelDirError(f"{text} is not in the local Hub cache and {why}") from e
-    except _transport_errors() as e:
-        raise ModelDirError(
-            f"cannot download {text}: lost the connection to {endpoint} ({type(e).__name__})"
+        raise HubError(f"{what} is not in the local Hub cache and {why}") from e
+    except EntryNotFoundError as e:
+        raise HubError(f"{what} on {endpoint} has no file {filename}") from e
+    except transport_errors() as e:
+        raise HubError(
+            f"cannot download {what}: lost the connection to {endpoint} ({type(e).__name__}); "
+            f"check the network, or raise {TIMEOUT_ENV} (now {hub_timeout():g} s)"
         ) from e
     except OSError as e:
-        raise ModelDirError(f"cannot download {text} from {endpoint}: {e}") from e
+        raise HubError(f"cannot download {what} from {endpoint}: {e}") from e
 
 
-def push_model(
-    model_dir: str | Path,
+def upload_folder(
+    folder: Path,
     repo_id: str,
     *,
-    private: bool = False,
-    endpoint: str | None = None,
-    dry_run: bool = False,
-    token: str | None = None,
-    commit_message: str | None = None,
-) -> PushResult:
-    """Publish a model directory as Hub repo `repo_id`, creating the repo if needed.
+    endpoint: str,
+    token: str | None,
+    private: bool,
+    commit_message: str,
+) -> str | None:
+    """Create `repo_id` if needed and upload `folder` to it in one commit; returns the commit id."""
+    from huggingface_hub import HfApi
 
-    The directory is checked before anything goes over the network and is never modified: the
-    upload is made from a staging copy (hard links, so no weight bytes are copied) that carries a
-    freshly generated model card, unless the directory holds a README.md written by hand.
-    A dry run returns the same file list and card and touches no network.
-    """
-    model_dir = Path(model_dir).expanduser().resolve()  # "." has no name and no parent to stage in
-    check_pushable(model_dir)
-    if repo_id.count("/") != 1 or not _valid_repo_id(repo_id):
-        raise HubError(f"{repo_id!r} is not a Hub repo id: use namespace/name (e.g. you/my-model)")
-    endpoint = hub_endpoint(endpoint)
-    url = f"{endpoint}/{repo_id}"
-    existing = model_dir / CARD_FILE
-    keep_card = existing.exists() and not is_generated_card(existing)
-    card = (
-        existing.read_text(encoding="utf-8")
-        if keep_card
-        else str(render_model_card(model_dir, repo_id))
-    )
-    sizes = {path: (model_dir / path).stat().st_size for path in upload_files(model_dir)}
-    sizes[CARD_FILE] = len(card.encode())
-    files = sorted(sizes)
-    if dry_run:
-        return PushResult(url, files, dry_run=True, card=card, sizes=sizes)
-
-    from huggingface_hub import HfApi, get_token
-
-    token = token or get_token()
+    _use_bounded_client()
     api = HfApi(endpoint=endpoint, token=token)
-    message = commit_message or f"Upload {model_dir.name} with appleslm"
-    log.info("pushing %d files from %s to %s", len(files), model_dir, url)
     try:
-        with staged_copy(model_dir, card) as folder:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
     except Exception as e:  # translated below when it is a Hub or network failure
         error = _push_error(e, repo_id, endpoint, has_token=bool(token))
         if error is None:
             raise
-        raise HubError(_redact(str(error), token)) from e
-    return PushResult(url, files, card=card, commit=getattr(info, "oid", None), sizes=sizes)
-
-
-def check_pushable(model_dir: Path) -> None:
-    """Fail early, before any request, on a directory that would upload as a broken model."""
-    if not model_dir.is_dir():
-        raise ModelDirError(f"{model_dir} is not a directory")
-    read_config(model_dir)  # present and valid JSON
-    if not list(model_dir.glob("model*.safetensors")):
-        raise ModelDirError(f"{model_dir} has no model*.safetensors weights")
-    if not (model_dir / "tokenizer.json").exists() and not (model_dir / "tokenizer.model").exists():
-        raise ModelDirError(f"{model_dir} has no tokenizer (tokenizer.json)")
-
-
-def upload_files(model_dir: Path) -> list[str]:
-    """The files a push sends (the card aside): everything but hidden files and README.md."""
-    files = []
-    for path in sorted(model_dir.rglob("*")):
-        rel = path.relative_to(model_dir)
-        if (
-            path.is_file()
-            and not any(p.startswith(".") for p in rel.parts)
-            and rel.as_posix() != CARD_FILE
-        ):
-            files.append(rel.as_posix())
-    return files
-
-
-@contextmanager
-def staged_copy(model_dir: Path, card: str) -> Iterator[Path]:
-    """A throwaway folder with the model's files (hard-linked where possible) and the card.
-
-    It sits beside the model (same filesystem, so links work), or in the temp dir when that
-    folder is read-only; it is removed whatever happens.
-    """
-    try:
-        root = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.push.", dir=model_dir.parent))
-    except OSError:
-        root = Path(tempfile.mkdtemp(prefix=f"{model_dir.name}.push."))
-    try:
-        for rel in upload_files(model_dir):
-            dst = root / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(model_dir / rel, dst)
-            except OSError:
-                shutil.copy2(model_dir / rel, dst)
-        (root / CARD_FILE).write_text(card, encoding="utf-8")
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+        raise HubError(_redact(error, token)) from e
+    return getattr(info, "oid", None)
 
 
 def _push_error(e: Exception, repo_id: str, endpoint: str, *, has_token: bool) -> str | None:
@@ -229,10 +194,16 @@ def _push_error(e: Exception, repo_id: str, endpoint: str, *, has_token: bool) -
         )
     if isinstance(e, HfHubHTTPError):
         return f"pushing to {repo_id} on {endpoint} failed: {_http_problem(e, repo_id, has_token)}"
-    if isinstance(e, _transport_errors()):
+    if isinstance(e, transport_errors()):
         return (
             f"cannot reach the Hub at {endpoint} ({type(e).__name__}: {e}); "
-            "check the network or --endpoint. Nothing was changed locally."
+            f"check the network or --endpoint, or raise {TIMEOUT_ENV} (now {hub_timeout():g} s). "
+            "Nothing was changed locally."
+        )
+    if isinstance(e, ValueError) and "json" in str(e).lower():  # a server that is not a Hub
+        return (
+            f"{endpoint} answered with something that is not the Hub's JSON ({e}); "
+            "check --endpoint / HF_ENDPOINT. Nothing was changed locally."
         )
     return None
 
@@ -256,18 +227,7 @@ def _redact(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
 
-def _valid_repo_id(text: str) -> bool:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
+def transport_errors() -> tuple[type[BaseException], ...]:
     """The HTTP client's could-not-talk-to-the-server errors: httpx2 under hub 2.x, httpx under
     1.x (neither subclasses OSError), plus the builtin ConnectionError/TimeoutError."""
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]

@@ -1,44 +1,43 @@
 """The one model-directory format every command reads and writes, loadable by stock mlx-lm.
 
 config.json         ModelArgs fields + "model_file" (+ mlx-lm's "quantization" when quantized)
-model.safetensors   weights
+model.safetensors   weights (mlx-lm's sharding and index for big models)
 appleslm_arch.py    the architecture, for `mlx_lm.load(..., trust_remote_code=True)`
 tokenizer.json, tokenizer_config.json (+ chat_template.jinja)
-appleslm.json       provenance: data, tokens seen, validation loss, parameter counts
+README.md           the model card
+appleslm.json       provenance (`appleslm.io.files.Provenance`)
+
+`resolve_model` is the one place a MODEL argument becomes a directory, `load_model` the one
+loader and `save_model_dir` the one writer: training, fine-tuning, quantization, export, GGUF
+import and merging all end in it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from appleslm.models import appleslm as architecture
-
-ARCH_FILE = "appleslm_arch.py"
-PROVENANCE_FILE = "appleslm.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "special_tokens_map.json",
-    "generation_config.json",
+from appleslm.atomic import atomic_directory
+from appleslm.io.files import (
+    ARCH_FILE,
+    CARD_FILE,
+    CONFIG_FILE,
+    TOKENIZER_FILES,
+    ModelDirError,
+    Provenance,
+    read_config,
+    weight_files,
+    write_provenance,
 )
-
-
-class ModelDirError(ValueError):
-    """A model directory that is missing, incomplete or corrupt."""
+from appleslm.io.hub import MODEL_PATTERNS, HubError, download, is_repo_id
+from appleslm.models import appleslm as architecture
 
 
 def register_with_mlx_lm() -> None:
@@ -50,96 +49,38 @@ def register_with_mlx_lm() -> None:
     sys.modules.setdefault("mlx_lm.models.appleslm", architecture)
 
 
-@contextmanager
-def atomic_directory(out_dir: Path) -> Iterator[Path]:
-    """Yield a staging directory that replaces `out_dir` only once everything was written.
+def resolve_model(spec: str | Path) -> Path:
+    """A local model directory as it is; a Hub repo id, downloaded once and cached.
 
-    A crash mid-write leaves the previous `out_dir` (if any) intact and a stray staging folder.
+    A name whose folder part exists here (`runs/tiny` when `runs/` exists) is a local path that
+    is missing, and is reported so: it is never sent to the Hub.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelDirError(f"{path} is a file, not a model directory")
+        return path
+    text = str(spec)
+    parent = path.parent
+    if not is_repo_id(text) or (str(parent) not in ("", ".") and parent.is_dir()):
+        raise ModelDirError(
+            f"{text!r}: no such model directory"
+            + ("" if is_repo_id(text) else ", and not a Hub repo id (namespace/name)")
+            + nearby_models(parent)
+        )
     try:
-        yield staging
-        if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, retired / out_dir.name)
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        return download(text, allow_patterns=MODEL_PATTERNS)
+    except HubError as e:
+        raise ModelDirError(str(e)) from e
 
 
-def model_config(model: nn.Module) -> dict[str, Any]:
-    config = dataclasses.asdict(model.args)
-    config["model_file"] = ARCH_FILE
-    return config
-
-
-def save_model_dir(
-    out_dir: str | Path,
-    model: nn.Module,
-    *,
-    tokenizer_dir: str | Path,
-    provenance: dict[str, Any] | None = None,
-    config: dict[str, Any] | None = None,
-) -> Path:
-    """Write `model` as a complete model directory, atomically.
-
-    Tokenizer files are copied from `tokenizer_dir` (a model dir or a folder the tokenizer was
-    saved to). `config` defaults to the model's ModelArgs plus `model_file`; pass mlx-lm's
-    config (with "quantization") for a quantized model.
-    """
-    out_dir = Path(out_dir)
-    config = dict(config) if config is not None else model_config(model)
-    tokenizer_config = Path(tokenizer_dir) / "tokenizer_config.json"
-    if tokenizer_config.exists():
-        eos = json.loads(tokenizer_config.read_text()).get("eos_token")
-        tokenizer_json = Path(tokenizer_dir) / "tokenizer.json"
-        if eos and tokenizer_json.exists():
-            config.setdefault("eos_token_id", token_id(tokenizer_json, eos))
-    with atomic_directory(out_dir) as staging:
-        weights = dict(tree_flatten(model.parameters()))
-        mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if config.get("model_file") == ARCH_FILE:
-            shutil.copyfile(architecture.__file__, staging / ARCH_FILE)
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).exists():
-                shutil.copyfile(Path(tokenizer_dir) / name, staging / name)
-        if not (staging / "tokenizer.json").exists():
-            raise ModelDirError(f"no tokenizer.json in {tokenizer_dir}")
-        if provenance is not None:
-            (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-        from appleslm.io.card import render_model_card  # card reads config and provenance
-
-        (staging / "README.md").write_text(str(render_model_card(staging, out_dir.name)))
-    return out_dir
-
-
-def token_id(tokenizer_json: Path, token: str) -> int | None:
-    vocab = json.loads(tokenizer_json.read_text())
-    for added in vocab.get("added_tokens", []):
-        if added["content"] == token:
-            return added["id"]
-    return vocab.get("model", {}).get("vocab", {}).get(token)
-
-
-def read_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    if not path.exists():
-        raise ModelDirError(f"{model_dir} is not a model directory: it has no config.json")
+def nearby_models(folder: Path) -> str:
+    """ "; model directories in runs/: a, b" for an error message, or "" when there are none."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelDirError(f"{path} is not valid JSON ({e})") from e
-
-
-def read_provenance(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / PROVENANCE_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+        found = sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
+    except OSError:
+        return ""
+    return f"; model directories in {folder}/: {', '.join(found)}" if found else ""
 
 
 def load_model(spec: str | Path, *, trust_remote_code: bool = False, lazy: bool = False):
@@ -149,8 +90,6 @@ def load_model(spec: str | Path, *, trust_remote_code: bool = False, lazy: bool 
     """
     import mlx_lm
     import transformers
-
-    from appleslm.io.hub import resolve_model
 
     # transformers warns that "appleslm" is not one of its model types on every load; it is right
     # and it does not matter (only its tokenizer is used).
@@ -167,11 +106,98 @@ def load_model(spec: str | Path, *, trust_remote_code: bool = False, lazy: bool 
             f"{model_dir} ships its own architecture code ({config['model_file']}); "
             "pass --trust-remote-code if you trust it"
         )
-    if not list(model_dir.glob("model*.safetensors")):
+    if not weight_files(model_dir):
         raise ModelDirError(f"{model_dir} has no model*.safetensors weights")
     try:
         return mlx_lm.load(
             str(model_dir), model_config=overrides, lazy=lazy, trust_remote_code=trust_remote_code
         )
-    except (ValueError, RuntimeError, KeyError, OSError) as e:
+    except (ValueError, RuntimeError, KeyError, OSError, TypeError) as e:
         raise ModelDirError(f"cannot load the model in {model_dir}: {e}") from e
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    config = dataclasses.asdict(model.args)
+    config["model_file"] = ARCH_FILE
+    return config
+
+
+def save_model_dir(
+    out_dir: str | Path,
+    model: nn.Module,
+    *,
+    tokenizer_dir: str | Path,
+    provenance: Provenance | None = None,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` as a complete model directory, atomically, with its model card.
+
+    Tokenizer files are copied from `tokenizer_dir` (a model dir or a folder the tokenizer was
+    saved to). `config` defaults to the model's ModelArgs plus `model_file`; pass mlx-lm's
+    config (with "quantization") for a quantized model, or another architecture's config.
+    """
+    from mlx_lm.utils import save_config, save_model
+
+    from appleslm.io.card import render_model_card
+
+    out_dir, tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        raise ModelDirError(f"no tokenizer.json in {tokenizer_dir}")
+    config = dict(config) if config is not None else model_config(model)
+    eos = eos_token_id(tokenizer_dir)
+    if eos is not None:
+        config.setdefault("eos_token_id", eos)
+    provenance = provenance or Provenance(name=display_name(out_dir))
+    if not provenance.params:
+        provenance.params = {"params_total": parameter_total(model)}
+    with atomic_directory(out_dir) as staging:
+        save_model(staging, model)
+        save_config(config, staging / CONFIG_FILE)
+        if config.get("model_file") == ARCH_FILE:
+            shutil.copyfile(architecture.__file__, staging / ARCH_FILE)
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).exists():
+                shutil.copyfile(tokenizer_dir / name, staging / name)
+        write_provenance(staging, provenance)
+        card = render_model_card(staging, provenance.name or display_name(out_dir))
+        (staging / CARD_FILE).write_text(str(card))
+    return out_dir
+
+
+def parameter_total(model: nn.Module) -> int:
+    """Parameters as trained (a quantized weight counts its unpacked elements)."""
+    from mlx_lm.utils import get_total_parameters
+
+    return int(get_total_parameters(model)) if tree_flatten(model.parameters()) else 0
+
+
+def eos_token_id(tokenizer_dir: Path) -> int | None:
+    """The id of tokenizer_config.json's eos_token, looked up in tokenizer.json."""
+    config_file = tokenizer_dir / "tokenizer_config.json"
+    if not config_file.exists():
+        return None
+    eos = json.loads(config_file.read_text()).get("eos_token")
+    if isinstance(eos, dict):  # transformers' AddedToken form
+        eos = eos.get("content")
+    if not eos:
+        return None
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    for added in vocab.get("added_tokens", []):
+        if added["content"] == eos:
+            return added["id"]
+    return vocab.get("model", {}).get("vocab", {}).get(eos)
+
+
+def model_reference(spec: str | Path, model_dir: Path) -> str:
+    """How provenance names the model `spec` resolved to: its Hub repo id, or its display name."""
+    return (
+        str(spec)
+        if model_dir != Path(spec).expanduser() and is_repo_id(str(spec))
+        else (display_name(model_dir))
+    )
+
+
+def display_name(model_dir: str | Path) -> str:
+    """What to call a model: a run's `runs/tiny/model` is `tiny`, else the folder's name."""
+    path = Path(model_dir).expanduser().resolve()
+    return path.parent.name if path.name == "model" and path.parent.name else path.name

@@ -7,7 +7,25 @@ from mlx.utils import tree_flatten
 
 from appleslm.models.appleslm import LeviathanGenerator, Model, ModelArgs, digit_base
 
-__all__ = ["LeviathanGenerator", "Model", "ModelArgs", "digit_base", "parameter_counts"]
+__all__ = [
+    "LeviathanGenerator",
+    "Model",
+    "ModelArgs",
+    "context_length",
+    "digit_base",
+    "parameter_counts",
+]
+CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "n_ctx")
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The context window any mlx-lm model's config declares (ours: max_position_embeddings)."""
+    args = getattr(model, "args", None)
+    for name in CONTEXT_KEYS:
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

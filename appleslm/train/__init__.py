@@ -1,1 +1,2 @@
-"""Training: the pretraining loop, checkpoints, metrics and evaluation."""
+"""Training: one loop (`trainer`) and its tasks (`pretrain`, `sft`), with checkpoints, losses,
+metrics, the optimizer and sweeps."""

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from appleslm.atomic import atomic_file, atomic_write
+from appleslm.errors import AppleslmError
+
+
+class MetricsError(AppleslmError):
+    """A metrics file that is damaged beyond its last line."""
 
 
 def train_record(
@@ -41,16 +47,25 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
+        """Every record; a torn last line (power loss, a full disk mid-append) is left out."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text(errors="replace").splitlines() if line]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i != len(lines) - 1:
+                    raise MetricsError(
+                        f"{self.path}:{i + 1} is not a metrics record; move the file aside"
+                    ) from None
+        return records
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step`: a resumed run re-logs them exactly as an uninterrupted one."""
         kept = [r for r in self.records() if r["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -72,7 +87,6 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

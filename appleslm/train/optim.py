@@ -5,18 +5,21 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.optimizers as optim
 
-from appleslm.config import TrainConfig
+from appleslm.config import LoopConfig
 
 
-def learning_rate_schedule(cfg: TrainConfig):
-    """Linear warmup to `lr`, then cosine decay to `min_lr_ratio * lr` at the last step."""
+def learning_rate_schedule(cfg: LoopConfig):
+    """Linear warmup to `lr`, then cosine decay to `min_lr_ratio * lr` at the last step.
+
+    A warmup as long as the run is cut to end one step before it, so the peak is reached.
+    """
     floor = cfg.lr * cfg.min_lr_ratio
-    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
-    cosine = optim.cosine_decay(cfg.lr, decay_steps, end=floor)
-    if cfg.warmup_steps == 0:
+    warmup_steps = min(cfg.warmup_steps, max(0, cfg.steps - 1))
+    cosine = optim.cosine_decay(cfg.lr, max(1, cfg.steps - warmup_steps), end=floor)
+    if warmup_steps == 0:
         return cosine
-    warmup = optim.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps)
-    return optim.join_schedules([warmup, cosine], [cfg.warmup_steps])
+    warmup = optim.linear_schedule(cfg.lr / warmup_steps, cfg.lr, warmup_steps)
+    return optim.join_schedules([warmup, cosine], [warmup_steps])
 
 
 def decays(path: str, parameter: mx.array) -> bool:
@@ -25,7 +28,7 @@ def decays(path: str, parameter: mx.array) -> bool:
     return parameter.ndim >= 2 and not path.endswith("spline")
 
 
-def build_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+def build_optimizer(cfg: LoopConfig) -> optim.Optimizer:
     schedule = learning_rate_schedule(cfg)
 
     def adamw(weight_decay: float) -> optim.AdamW:

@@ -25,7 +25,8 @@ from typing import Any
 import yaml
 
 from appleslm.config import ConfigError, RunConfig, config_from_dict, find_config
-from appleslm.train.loop import train
+from appleslm.train.pretrain import train
+from appleslm.train.trainer import run_state
 
 SWEEP_KEYS = {"base", "out", "runs"}
 
@@ -38,7 +39,7 @@ class SweepRun:
 
     @property
     def finished(self) -> bool:
-        return (self.run_dir / "model" / "appleslm.json").exists()
+        return run_state(self.run_dir) == "finished"
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def run_sweep(
             continue
         try:
             log(f"[sweep] {run.name}: training in {run.run_dir}")
-            resume = (run.run_dir / "config.yaml").exists()
+            resume = run_state(run.run_dir) == "started"
             result = train(run.config, run.run_dir, resume=resume, progress=progress)
         finally:
             release(run)

@@ -112,7 +112,7 @@ def test_load_tokenizer_from_hub(tok, tmp_path, monkeypatch):
 
     tok.save(str(tmp_path / "tokenizer.json"))
 
-    def fake_download(repo_id, filename):
+    def fake_download(repo_id, filename, **kwargs):  # endpoint, repo_type
         if repo_id == "someone/gone":
             raise OSError("404 not found")
         return str(tmp_path / filename)

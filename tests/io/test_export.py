@@ -4,9 +4,9 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 
-from appleslm.io import load_model, save_model_dir
 from appleslm.io.export import export_llama
-from appleslm.io.model_dir import ModelDirError, read_config
+from appleslm.io.files import ModelDirError, read_config
+from appleslm.io.model_dir import load_model, save_model_dir
 from appleslm.models import Model
 from appleslm.quant import quantize
 from tests.helpers import tiny_args

@@ -22,6 +22,7 @@ mlx_lm = pytest.importorskip("mlx_lm")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from appleslm.io.files import read_provenance  # noqa: E402
 from appleslm.io.gguf import GGUFError, _unpermute_rows, import_gguf  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -281,11 +282,12 @@ def test_synthetic_tokenizer_and_files(tmp_path, tiny_vocab):
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tok.eos_token_ids == {2}
 
-    prov = json.loads((out / "appleslm.json").read_text())
-    assert prov["source"]["gguf"] == "tiny.gguf" and len(prov["source"]["sha256"]) == 64
+    prov = read_provenance(out)
+    assert prov.imported_from["file"] == "tiny.gguf" and len(prov.imported_from["sha256"]) == 64
     reader = gguf.GGUFReader(str(src))
-    assert prov["params"] == sum(int(t.n_elements) for t in reader.tensors)
-    assert not (out / "README.md").exists()
+    assert prov.params["params_total"] == sum(int(t.n_elements) for t in reader.tensors)
+    card = (out / "README.md").read_text()  # imported models get a card like any other
+    assert "Imported from the GGUF file `tiny.gguf`" in card and "library_name: mlx" in card
 
 
 def llama_cpp_spm(text: str, tokens: list[str], scores: list[float]) -> list[int]:
@@ -453,9 +455,9 @@ def test_smollm2_directory(smollm2):
     assert config["eos_token_id"] == 2 and config["rope_theta"] == 100000.0
     size = (out / "model.safetensors").stat().st_size
     assert size < 1.1 * src.stat().st_size  # stayed 4-bit: ~100 MB, not ~540 MB of float32
-    prov = json.loads((out / "appleslm.json").read_text())
-    assert prov["params"] == 134_515_008
-    assert prov["source"]["sha256"].startswith("b179c952")
+    prov = read_provenance(out)
+    assert prov.params["params_total"] == 134_515_008
+    assert prov.imported_from["sha256"].startswith("b179c952")
     # SmolLM2's pre-tokenizer ("smollm") splits digits one by one.
     assert [tokenizer.decode([i]) for i in tokenizer.encode("in 2024")] == [
         "in",

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from appleslm.io import ModelDirError, load_model
 from appleslm.io.card import MARKER, render_model_card, write_model_card
-from appleslm.io.hub import HubError, push_model, resolve_model
+from appleslm.io.hub import HubError
+from appleslm.io.model_dir import ModelDirError, load_model, resolve_model
+from appleslm.io.push import push_model
 from tests.hub_server import HubServer, free_port, isolate_hub_client
 
 FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789"

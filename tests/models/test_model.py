@@ -12,7 +12,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
-from appleslm.io import load_model, save_model_dir
+from appleslm.io.model_dir import load_model, save_model_dir
 from appleslm.models import Model, digit_base, parameter_counts
 from appleslm.models.appleslm import quadratic_bspline
 from tests.helpers import tiny_args

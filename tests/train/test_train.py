@@ -3,7 +3,6 @@ data parallel, and the saved model."""
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -13,8 +12,10 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from appleslm.io import load_model
+from appleslm.io.files import read_provenance
+from appleslm.io.model_dir import load_model
 from appleslm.train.checkpoint import latest_checkpoint
+from tests.helpers import assert_same_run, final_weights, run_on_two_ranks, train_losses
 
 APPLESLM = [sys.executable, "-m", "appleslm"]
 
@@ -32,11 +33,6 @@ def start(config: Path, out: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def train_losses(run: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
-
-
 def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -46,10 +42,6 @@ def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: floa
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.01)
     raise AssertionError(f"run did not reach step {step}")
-
-
-def weights(model_dir: Path) -> dict[str, mx.array]:
-    return mx.load(str(model_dir / "model.safetensors"))
 
 
 @pytest.mark.parametrize(
@@ -84,7 +76,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(variant, tmp_path, wri
     assert "resumed from" in resumed.stdout + resumed.stderr
 
     assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "whole")
-    whole, killed = weights(tmp_path / "whole" / "model"), weights(tmp_path / "killed" / "model")
+    whole, killed = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
     assert whole.keys() == killed.keys()
     for name in whole:
         assert mx.array_equal(whole[name], killed[name]).item(), name
@@ -118,20 +110,27 @@ def test_divergence_stops_without_touching_the_last_good_checkpoint(tmp_path, wr
 def test_a_run_directory_is_not_overwritten_without_resume(tmp_path, write_config):
     config = write_config(steps=2)
     train(config, tmp_path / "run")
-    done = train(config, tmp_path / "run", check=False)
+    stamp = (tmp_path / "run" / "model" / "model.safetensors").stat().st_mtime_ns
+    # The same command again (the README's quick start, re-run) trains nothing and says so.
+    done = train(config, tmp_path / "run")
+    assert "already holds this finished run" in done.stdout + done.stderr
+    assert (tmp_path / "run" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    longer = write_config(steps=4)
+    done = train(longer, tmp_path / "run", check=False)
     assert done.returncode == 2 and "--resume" in done.stderr
     other = write_config({"hidden_size": 64}, steps=2)
     done = train(other, tmp_path / "run", "--resume", check=False)
     assert done.returncode == 2 and "model config differs" in done.stderr
+    assert (tmp_path / "run" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_trained_model_loads_everywhere_and_beats_chance(tmp_path, write_config, corpus_dir):
     config = write_config(steps=30)
     done = train(config, tmp_path / "run")
     model_dir = tmp_path / "run" / "model"
-    provenance = json.loads((model_dir / "appleslm.json").read_text())
-    assert provenance["val_loss"] < math.log(512) - 0.5  # well below a uniform guess
-    assert f"perplexity {provenance['val_ppl']:.2f}" in done.stdout
+    provenance = read_provenance(model_dir)
+    assert provenance.quality.loss < math.log(512) - 0.5  # well below a uniform guess
+    assert f"perplexity {provenance.quality.ppl:.2f}" in done.stdout
     assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     model, tokenizer = load_model(model_dir)
     assert model.args.vocab_size == 512
@@ -149,37 +148,8 @@ def test_trained_model_loads_everywhere_and_beats_chance(tmp_path, write_config,
 def test_data_parallel_ranks_match_a_single_process_run(tmp_path, write_config):
     config = write_config(steps=6, eval_every=6, save_every=6)
     train(config, tmp_path / "single")
-    launch = [
-        str(Path(sys.executable).parent / "mlx.launch"),
-        "--backend",
-        "ring",
-        "-n",
-        "2",
-        sys.executable,
-        "-m",
-        "appleslm",
-        "train",
-        str(config),
-        "--out",
-        str(tmp_path / "dp"),
-        "--no-progress",
-    ]
-    done = subprocess.run(
-        launch,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    output = run_on_two_ranks(
+        [*APPLESLM, "train", str(config), "--out", str(tmp_path / "dp"), "--no-progress"]
     )
-    output = done.stdout + done.stderr
-    # mlx.launch exits 0 even when a rank fails: read what the ranks said.
-    assert "exited with code" not in output and "Traceback" not in output, output
-    assert "2 ranks in sync" in output, output
     assert "2 process(es)" in output
-    single, parallel = train_losses(tmp_path / "single"), train_losses(tmp_path / "dp")
-    assert single.keys() == parallel.keys()
-    for step in single:
-        assert math.isclose(single[step], parallel[step], rel_tol=1e-4), step
-    a, b = weights(tmp_path / "single" / "model"), weights(tmp_path / "dp" / "model")
-    for name in a:
-        assert mx.allclose(a[name], b[name], atol=1e-4).item(), name
+    assert_same_run(tmp_path / "single", tmp_path / "dp")

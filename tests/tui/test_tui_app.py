@@ -6,15 +6,15 @@ import asyncio
 import time
 
 import mlx.core as mx
+from appleslm_tui.model_list import ModelEntry
+from appleslm_tui.screens import ConversationsScreen, ModelPickerScreen, SettingsScreen
+from appleslm_tui.store import Store
+from appleslm_tui.widgets import MessageItem
 from textual.widgets import Input, OptionList
 
 import appleslm.generate as generate
 from appleslm.generate import SamplingSettings
 from tests.tui.tui_helpers import notifications, press_now, ready, send, wait_until
-from appleslm_tui.model_list import ModelEntry
-from appleslm_tui.screens import ConversationsScreen, ModelPickerScreen, SettingsScreen
-from appleslm_tui.store import Store
-from appleslm_tui.widgets import MessageItem
 
 SIZE = (80, 24)
 

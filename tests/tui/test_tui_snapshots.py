@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from appleslm_tui.store import Store
 
 from tests.tui.tui_helpers import ready, send, wait_until
-from appleslm_tui.store import Store
 
 SIZE = (80, 24)
 REPLY = """An **impost** is a tax on imports.

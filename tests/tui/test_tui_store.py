@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from appleslm_tui.store import DB_NAME, Store, StoreError, data_home, slug
 
 

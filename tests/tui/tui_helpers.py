@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from textual import events
-
 from appleslm_tui.app import ChatApp
+from textual import events
 
 
 async def wait_until(pilot, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -30,9 +29,15 @@ async def ready(pilot) -> ChatApp:
 async def send(pilot, text: str) -> None:
     """Put `text` in the prompt and press Enter, as a key event, without `pilot.press`:
     that waits for the CPU to go idle, which it does not while a model writes."""
-    pilot.app.prompt.load_text(text)
-    press_now(pilot.app, "enter")
-    await pilot.pause(0.05)
+    app = pilot.app
+    app.prompt.load_text(text)
+    shown = len(app._notifications)
+    press_now(app, "enter")
+    # Wait until the app took the message (it clears the prompt) or said why not; on a loaded
+    # machine the key can take longer than any fixed pause to arrive.
+    deadline = time.monotonic() + 10
+    while app.prompt.text and len(app._notifications) == shown and time.monotonic() < deadline:
+        await pilot.pause(0.02)
 
 
 def press_now(app: ChatApp, key: str) -> None:

@@ -10,7 +10,12 @@ import mlx.nn as nn
 import numpy as np
 
 from appleslm.data.corpus import iter_documents
-from appleslm.io import load_model
+from appleslm.io.files import read_provenance
+from appleslm.io.model_dir import load_model
+from appleslm.models import context_length
+
+DEFAULT_WINDOW = 512  # for a model whose config declares no context
+MAX_WINDOW = 2048
 
 
 def evaluate_tokens(model: nn.Module, tokens: np.ndarray, seq_len: int = 512) -> dict[str, float]:
@@ -28,8 +33,9 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, seq_len: int = 512) ->
     return {"loss": total / count, "ppl": math.exp(total / count), "tokens": count}
 
 
-def context_length(model: nn.Module, default: int = 512) -> int:
-    return min(getattr(getattr(model, "args", None), "max_position_embeddings", default), 2048)
+def eval_window(model: nn.Module) -> int:
+    """Tokens per evaluation window: the model's context, capped so one window stays cheap."""
+    return min(context_length(model) or DEFAULT_WINDOW, MAX_WINDOW)
 
 
 def tokenize_text(tokenizer, text_path: str | Path) -> np.ndarray:
@@ -51,4 +57,21 @@ def evaluate_text(
 ) -> dict[str, float]:
     model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
     tokens = tokenize_text(tokenizer, text_path)
-    return evaluate_tokens(model, tokens, seq_len or context_length(model))
+    return evaluate_tokens(model, tokens, seq_len or eval_window(model))
+
+
+def held_out_tokens(
+    model_dir: Path, tokenizer, text: str | Path | None, max_tokens: int | None = None
+) -> np.ndarray | None:
+    """`text` tokenized, else the held-out split of the data the model was trained on (rebuilt
+    from its provenance), cut to `max_tokens`; None when there is neither."""
+    if text is not None:
+        return tokenize_text(tokenizer, text)[:max_tokens]
+    data_config = read_provenance(model_dir).data_config
+    if data_config is None:
+        return None
+    from appleslm.config import DataConfig
+    from appleslm.data import prepare_data
+
+    cfg = DataConfig(**{**data_config, "tokenizer": str(model_dir)})
+    return np.asarray(prepare_data(cfg, vocab_size=tokenizer.vocab_size).val[:max_tokens])

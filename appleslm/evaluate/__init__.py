@@ -1,0 +1,1 @@
+"""Evaluation: loss, perplexity and bits per byte of any model on any text."""
