@@ -10,7 +10,7 @@ import mlx.nn as nn
 from mlx_lm.utils import compute_bits_per_weight, quantize_model
 
 from appleslm.evaluate.perplexity import eval_window, evaluate_tokens, held_out_tokens
-from appleslm.io.files import ModelDirError, QuantRecord, read_config, read_provenance
+from appleslm.io.files import ModelDirError, Quality, QuantRecord, read_config, read_provenance
 from appleslm.io.model_dir import (
     display_name,
     load_model,
@@ -96,12 +96,12 @@ def quantize(
     model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
     tokens = held_out_tokens(model_dir, tokenizer, eval_text, EVAL_TOKENS)
     seq_len = eval_window(model)
-    before = evaluate_tokens(model, tokens, seq_len)["ppl"] if tokens is not None else None
+    before = evaluate_tokens(model, tokens, seq_len) if tokens is not None else None
 
     skipped = ungroupable(model, group_size)
     predicate = quant_predicate(model, bits, group_size, recipe)
     model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
-    after = evaluate_tokens(model, tokens, seq_len)["ppl"] if tokens is not None else None
+    after = evaluate_tokens(model, tokens, seq_len) if tokens is not None else None
 
     provenance = read_provenance(model_dir)
     provenance.name = display_name(out_dir)
@@ -112,10 +112,13 @@ def quantize(
         recipe=recipe,
         bits_per_weight=compute_bits_per_weight(model),
         kept_float=skipped,
-        ppl_float=before,
-        ppl_quantized=after,
+        ppl_float=before and before["ppl"],
+        ppl_quantized=after and after["ppl"],
         eval_tokens=0 if tokens is None else len(tokens),
     )
+    if after is not None:
+        split = "the given text" if eval_text else "held-out documents of the training data"
+        provenance.quality = Quality(after["loss"], after["ppl"], after["tokens"], split)
     out = save_model_dir(
         out_dir, model, tokenizer_dir=model_dir, provenance=provenance, config=config
     )
@@ -128,8 +131,8 @@ def quantize(
         weights_size(out),
         weights_size(model_dir),
         skipped,
-        before,
-        after,
+        before and before["ppl"],
+        after and after["ppl"],
         0 if tokens is None else len(tokens),
     )
 

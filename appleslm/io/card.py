@@ -179,15 +179,15 @@ def stage_text(stage: TrainingRecord) -> str:
     data = stage.data
     what = stage.task.capitalize() + (f" ({stage.method})" if stage.method else "")
     lines = [f"**{what}**", ""]
-    about = [public_source(data.source)]
-    if data.name and data.name != data.source:
-        about = [data.name]
+    name = data.name if data.name and data.name != data.source else public_source(data.source)
+    lines.append(f"- data: {name}")
     sizes = [
         f"{count(n)} {unit}"
-        for n, unit in ((data.documents, "documents"), (data.train_tokens, "training tokens"))
+        for n, unit in ((data.documents, "documents"), (data.train_tokens, "tokens"))
         if n
     ]
-    lines.append(f"- data: {', '.join(about + sizes)}")
+    if sizes:
+        lines.append(f"- training split: {', '.join(sizes)}")
     if data.licence:
         lines.append(f"- data licence: {data.licence}")
     if data.tokenizer:
