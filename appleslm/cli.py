@@ -70,19 +70,47 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
 
 
+def sampling_settings(args: argparse.Namespace, defaults=None):
+    """The sampling flags of `generate` and `chat` as settings; a bad value is exit 2."""
+    from appleslm.generate import GenerationError, SamplingSettings
+
+    given = {
+        name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None
+    }
+    try:
+        return SamplingSettings.from_dict(given, defaults)
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    from appleslm.generate import GenerationError, SamplingSettings, generate_text
+    from appleslm.generate import ChatSession, GenerationError
     from appleslm.io.model_dir import load_model
 
-    try:
-        settings = SamplingSettings(temperature=args.temp or 0.0, top_p=args.top_p, seed=args.seed)
-    except ValueError as e:
-        raise GenerationError(str(e)) from e
+    settings = sampling_settings(args)
+    if not args.prompt.strip():
+        raise GenerationError("--prompt is empty: give the text to answer or continue")
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    print(args.prompt, end="", flush=True)
-    for text in generate_text(model, tokenizer, args.prompt, args.max_tokens, settings):
-        print(text, end="", flush=True)
-    print()
+    session = ChatSession(model, tokenizer, chat_template=not args.no_chat_template)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    print("=" * 10)
+    for response in session.stream(messages, settings):
+        print(response.text, end="", flush=True)
+    print("\n" + "=" * 10)
+    stats = session.stats
+    print(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.3f} tokens-per-sec")
+    print(
+        f"Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.3f} tokens-per-sec"
+    )
+    print(f"Peak memory: {stats.peak_memory:.3f} GB")
+    if stats.generation_tokens <= 1 and stats.finish_reason == "stop":
+        mode = "its chat template" if session.chat_mode else "raw completion"
+        other = "--no-chat-template" if session.chat_mode else "a chat model or another prompt"
+        print(
+            f"note: the model ended its reply at once (with {mode}); try {other}",
+            file=sys.stderr,
+        )
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
@@ -126,13 +154,13 @@ def cmd_chat_data(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from appleslm_tui.app import run_chat
+    from appleslm_tui.app import CHAT_DEFAULTS, run_chat
 
+    settings = sampling_settings(args, CHAT_DEFAULTS)
     run_chat(
         args.model,
         system_prompt=args.system,
-        temperature=args.temp,
-        max_tokens=args.max_tokens,
+        settings=settings,
         trust_remote_code=args.trust_remote_code,
     )
 
@@ -213,6 +241,28 @@ def hint(command: str, model_dir: Path | None) -> str:
     return f"{prefix} {command} {model_dir}"
 
 
+SAMPLING_FLAGS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "max_tokens",
+    "seed",
+)
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens_default: int | None = None) -> None:
+    """The sampling flags `generate` and `chat` share (mlx-lm's names)."""
+    p.add_argument("--temp", dest="temperature", type=float, help="temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (1: off)")
+    p.add_argument("--top-k", type=int, help="keep the k likeliest tokens (0: off)")
+    p.add_argument("--min-p", type=float, help="minimum probability relative to the top (0: off)")
+    p.add_argument("--repetition-penalty", type=float, help="penalise repeats (1: off)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens_default, help="reply length limit")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model directory or a Hugging Face Hub repo id")
     p.add_argument(
@@ -258,13 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="continue a prompt (greedy unless --temp)")
+    p = sub.add_parser(
+        "generate",
+        help="answer (chat models) or continue (base models) a prompt; greedy unless --temp",
+    )
     add_model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=100)
-    p.add_argument("--temp", type=float, help="sampling temperature (default: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--system", default="", help="system prompt (chat models)")
+    p.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="raw completion of the prompt even when the model has a chat template",
+    )
+    add_sampling_args(p, max_tokens_default=256)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("sft", help="fine-tune a model to chat (loss on assistant turns only)")
@@ -316,8 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow running a third-party model's own architecture code",
     )
     p.add_argument("--system", default="", help="system prompt for new conversations")
-    p.add_argument("--temp", type=float, help="sampling temperature for new conversations")
-    p.add_argument("--max-tokens", type=int, help="reply length limit for new conversations")
+    add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("quantize", help="MLX affine quantization with a perplexity report")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -37,7 +38,7 @@ class Range:
     high_open: bool = False
 
     def holds(self, value: float) -> bool:
-        if value != value:  # NaN
+        if not math.isfinite(value):  # NaN and infinities mean nothing as settings
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
@@ -57,21 +58,43 @@ FRACTION = Range(0, 1)
 OPEN_FRACTION = Range(0, 1, high_open=True)
 
 
-def check_ranges(obj: Any, ranges: dict[str, Range], choices: dict[str, tuple] | None = None):
-    """Raise ValueError naming the first field of `obj` outside its range or choices."""
-    for name, allowed in ranges.items():
-        value = getattr(obj, name)
-        if value is not None and not allowed.holds(value):
-            raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    for name, options in (choices or {}).items():
-        if getattr(obj, name) not in options:
-            raise ValueError(
-                f"{name} must be one of {', '.join(map(str, options))}, got {getattr(obj, name)!r}"
-            )
+class Checked:
+    """A config dataclass whose fields are checked on creation against the class's `RANGES`
+    (numbers) and `CHOICES` (one of a few values), merged over its base classes; any other
+    rule goes in `check`. A bad value is a ValueError that names the field."""
+
+    RANGES: ClassVar[dict[str, Range]] = {}
+    CHOICES: ClassVar[dict[str, tuple]] = {}
+
+    @classmethod
+    def rules(cls) -> tuple[dict[str, Range], dict[str, tuple]]:
+        ranges: dict[str, Range] = {}
+        choices: dict[str, tuple] = {}
+        for klass in reversed(cls.__mro__):
+            ranges.update(vars(klass).get("RANGES", {}))
+            choices.update(vars(klass).get("CHOICES", {}))
+        return ranges, choices
+
+    def __post_init__(self) -> None:
+        ranges, choices = self.rules()
+        for name, allowed in ranges.items():
+            value = getattr(self, name)
+            if value is not None and not allowed.holds(value):
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        for name, options in choices.items():
+            if getattr(self, name) not in options:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(map(str, options))}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        self.check()
+
+    def check(self) -> None:
+        """Rules that tie fields together."""
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     source: str = "default"  # "default" (bundled corpus), a file, a folder, or "hf:owner/dataset"
     text_field: str = "text"  # the field holding text in JSONL records
     tokenizer: str | None = None  # a tokenizer.json path or a model dir/Hub repo; None trains one
@@ -80,11 +103,9 @@ class DataConfig:
     seed: int = 0
     cache_dir: str | None = None  # token cache; default ~/.cache/appleslm/tokens
 
-    def __post_init__(self) -> None:
-        check_ranges(
-            self,
-            {"val_fraction": OPEN_FRACTION, "shuffle_buffer": AT_LEAST_1, "seed": AT_LEAST_0},
-        )
+    RANGES = {"val_fraction": OPEN_FRACTION, "shuffle_buffer": AT_LEAST_1, "seed": AT_LEAST_0}
+
+    def check(self) -> None:
         for name in ("source", "text_field", "tokenizer", "cache_dir"):
             value = getattr(self, name)
             if value is not None and not value.strip():
@@ -92,7 +113,7 @@ class DataConfig:
 
 
 @dataclass
-class LoopConfig:
+class LoopConfig(Checked):
     """The training loop's settings, shared by pretraining and chat fine-tuning."""
 
     steps: int = 1000
@@ -115,37 +136,32 @@ class LoopConfig:
     log_every: int = 10
     compile: bool = True
 
-    def __post_init__(self) -> None:
-        check_ranges(
-            self,
-            {
-                "steps": AT_LEAST_1,
-                "batch_size": AT_LEAST_1,
-                "grad_accum": AT_LEAST_1,
-                "lr": POSITIVE,
-                "min_lr_ratio": FRACTION,
-                "warmup_steps": AT_LEAST_0,
-                "weight_decay": AT_LEAST_0,
-                "beta1": OPEN_FRACTION,
-                "beta2": OPEN_FRACTION,
-                "eps": POSITIVE,
-                "grad_clip": POSITIVE,
-                "seed": AT_LEAST_0,
-                "eval_every": AT_LEAST_1,
-                "eval_batches": AT_LEAST_0,
-                "save_every": AT_LEAST_1,
-                "keep_checkpoints": AT_LEAST_1,
-                "log_every": AT_LEAST_1,
-            },
-            {"dtype": DTYPES},
-        )
+    RANGES = {
+        "steps": AT_LEAST_1,
+        "batch_size": AT_LEAST_1,
+        "grad_accum": AT_LEAST_1,
+        "lr": POSITIVE,
+        "min_lr_ratio": FRACTION,
+        "warmup_steps": AT_LEAST_0,
+        "weight_decay": AT_LEAST_0,
+        "beta1": OPEN_FRACTION,
+        "beta2": OPEN_FRACTION,
+        "eps": POSITIVE,
+        "grad_clip": POSITIVE,
+        "seed": AT_LEAST_0,
+        "eval_every": AT_LEAST_1,
+        "eval_batches": AT_LEAST_0,
+        "save_every": AT_LEAST_1,
+        "keep_checkpoints": AT_LEAST_1,
+        "log_every": AT_LEAST_1,
+    }
+    CHOICES = {"dtype": ("float32", "bfloat16")}
+
+    def check(self) -> None:
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}"
             )
-
-
-DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -154,9 +170,7 @@ class TrainConfig(LoopConfig):
 
     seq_len: int = 256
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_ranges(self, {"seq_len": AT_LEAST_1})
+    RANGES = {"seq_len": AT_LEAST_1}
 
 
 @dataclass
@@ -182,19 +196,14 @@ class SFTConfig(LoopConfig):
     val_fraction: float = 0.1  # held out when the data has no valid.jsonl
     on_error: str = "skip"  # bad records: "skip" (reported) or "refuse" (nothing trains)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_ranges(
-            self,
-            {
-                "lora_rank": AT_LEAST_1,
-                "lora_scale": POSITIVE,
-                "lora_layers": AT_LEAST_1,
-                "max_seq_len": Range(2),
-                "val_fraction": OPEN_FRACTION,
-            },
-            {"on_error": ("skip", "refuse")},
-        )
+    RANGES = {
+        "lora_rank": AT_LEAST_1,
+        "lora_scale": POSITIVE,
+        "lora_layers": AT_LEAST_1,
+        "max_seq_len": Range(2),
+        "val_fraction": OPEN_FRACTION,
+    }
+    CHOICES = {"on_error": ("skip", "refuse")}
 
 
 @dataclass

@@ -232,9 +232,10 @@ class ChatSession:
     One reply streams at a time; a lock makes a second caller wait for the first.
     """
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, chat_template: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.use_chat_template = chat_template
         self.context_length = context_length(model)
         self.stats: Stats | None = None
         self._lock = threading.Lock()
@@ -243,8 +244,9 @@ class ChatSession:
 
     @property
     def chat_mode(self) -> bool:
-        """Whether messages go through a chat template; False means plain completion."""
-        return bool(getattr(self.tokenizer, "has_chat_template", False))
+        """Whether messages go through a chat template; False means plain completion (a base
+        model without a template, or a chat model asked for raw completion)."""
+        return self.use_chat_template and bool(getattr(self.tokenizer, "has_chat_template", False))
 
     @property
     def cached_tokens(self) -> int:
@@ -352,48 +354,3 @@ class ChatSession:
             self._reset()
         else:
             self._cached_ids = known_ids[:offset]
-
-
-class TextStream:
-    """An iterator of text pieces for one prompt; `stats` holds the figures once it started."""
-
-    def __init__(self, responses: Iterator[GenerationResponse]) -> None:
-        self._responses = responses
-        self._start = time.perf_counter()
-        self._ttft: float | None = None
-        self.stats: Stats | None = None
-
-    def __iter__(self) -> TextStream:
-        return self
-
-    def __next__(self) -> str:
-        response = next(self._responses)
-        if self._ttft is None:
-            self._ttft = time.perf_counter() - self._start
-        self.stats = Stats.from_response(response, ttft=self._ttft)
-        return response.text
-
-
-def generate_text(
-    model: Any,
-    tokenizer: Any,
-    prompt: str,
-    max_tokens: int = 256,
-    settings: SamplingSettings | None = None,
-) -> TextStream:
-    """Plain completion of `prompt` (no chat template), as text pieces; for `appleslm generate`.
-
-    Greedy unless `settings` says otherwise; `max_tokens` overrides `settings.max_tokens`.
-    Raises `PromptTooLongError` when the prompt does not fit the model's context.
-    """
-    settings = dataclasses.replace(settings or SamplingSettings(), max_tokens=max_tokens)
-    bos = getattr(tokenizer, "bos_token", None)
-    ids = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
-    limit = context_length(model)
-    if limit is not None and len(ids) >= limit:
-        raise PromptTooLongError(
-            f"The prompt is {len(ids):,} tokens but the model's context is {limit:,} tokens."
-        )
-    if limit is not None:
-        max_tokens = min(max_tokens, limit - len(ids))
-    return TextStream(stream_tokens(model, tokenizer, ids, settings, max_tokens=max_tokens))

@@ -26,10 +26,9 @@ from mlx_lm.models.cache import make_prompt_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from appleslm_tui.app import ChatApp  # noqa: E402
-
 from appleslm.generate import ChatSession, SamplingSettings  # noqa: E402
 from appleslm.io.model_dir import load_model  # noqa: E402
+from appleslm_tui.app import ChatApp  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

@@ -17,7 +17,6 @@ from appleslm.generate import (
     PromptTooLongError,
     SamplingSettings,
     Stats,
-    generate_text,
 )
 from appleslm.io.model_dir import load_model, save_model_dir
 from appleslm.models import Model, ModelArgs
@@ -135,8 +134,11 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tmp_path, tokenizer_dir
     assert session.context_length == 32
     with pytest.raises(PromptTooLongError, match="context is 32 tokens"):
         tokens(session, [{"role": "user", "content": "taxes, duties, imposts " * 10}])
-    with pytest.raises(PromptTooLongError):
-        list(generate_text(model, tokenizer, "taxes, duties, imposts " * 10))
+    with pytest.raises(PromptTooLongError):  # raw completion checks it too
+        tokens(
+            ChatSession(model, tokenizer, chat_template=False),
+            [{"role": "user", "content": "taxes, duties, imposts " * 10}],
+        )
     short = [{"role": "user", "content": "taxes"}]  # the session still works afterwards
     replied = tokens(session, short, SamplingSettings(max_tokens=100))
     assert 0 < len(replied) <= 32 - len(session.render(short))  # capped by the context
@@ -225,13 +227,15 @@ def test_plain_completion_without_a_chat_template(tmp_path, tiny_model_dir):
     assert len(tokens(session, messages)) == GREEDY.max_tokens
 
 
-def test_generate_text_streams_text_and_stats(loaded):
-    model, tokenizer = loaded
-    stream = generate_text(model, tokenizer, "The Congress shall", max_tokens=10)
-    text = "".join(stream)
+def test_raw_completion_streams_what_mlx_lm_streams(loaded):
+    model, tokenizer = loaded  # `appleslm generate --no-chat-template`: mlx-lm's own tokens
+    session = ChatSession(model, tokenizer, chat_template=False)
+    prompt = [{"role": "user", "content": "The Congress shall"}]
+    text = "".join(r.text for r in session.stream(prompt, SamplingSettings(max_tokens=10)))
     headless = list(stream_generate(model, tokenizer, "The Congress shall", max_tokens=10))
     assert text == "".join(r.text for r in headless)
-    assert stream.stats.generation_tokens == 10 and stream.stats.ttft > 0
+    assert session.stats.generation_tokens == 10 and session.stats.ttft > 0
+    assert ChatSession(model, tokenizer).chat_mode and not session.chat_mode
 
 
 def test_out_of_memory_is_reported_and_the_session_recovers(loaded, monkeypatch):

@@ -9,14 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
-from appleslm_tui.conversation_actions import ConversationActions
-from appleslm_tui.model_list import ModelEntry, default_roots, label, list_models
-from appleslm_tui.reply import ReplyBuffer
-from appleslm_tui.screens import ModelPickerScreen
-from appleslm_tui.store import Conversation, Store, StoredMessage, data_home
-from appleslm_tui.widgets import ChatLog, MessageItem, PromptArea, SpeedPanel, code_blocks
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -26,6 +19,12 @@ from textual.timer import Timer
 from textual.widgets import Footer, Header
 
 from appleslm.generate import ChatSession, GenerationError, SamplingSettings
+from appleslm_tui.conversation_actions import ConversationActions
+from appleslm_tui.model_list import ModelEntry, default_roots, label, list_models
+from appleslm_tui.reply import ReplyBuffer
+from appleslm_tui.screens import ModelPickerScreen
+from appleslm_tui.store import Conversation, ConversationGone, Store, StoredMessage, data_home
+from appleslm_tui.widgets import ChatLog, MessageItem, PromptArea, SpeedPanel, code_blocks
 
 CHAT_DEFAULTS = SamplingSettings(temperature=0.7, top_p=0.95, max_tokens=1024)
 """A new conversation's sampling: lightly random, as chat front-ends usually start."""
@@ -324,16 +323,57 @@ class ChatApp(ConversationActions, App):
             )
             self.store.set_pref("last_conversation", self.conversation.id)
             self.update_titles()
-        message = self.store.add_message(self.conversation.id, "user", text)
+        message = self.save_message("user", text)
         self.history.append(message)
         await self.chat_log.add(MessageItem("user", text, message_id=message.id))
         self.prompt.clear()
         await self.start_reply()
 
+    def save_message(self, role: str, text: str, status: str = "done") -> StoredMessage:
+        """Store a new message of the open conversation. If another window on the same history
+        deleted the conversation meanwhile, it is first saved again as a new one, so nothing
+        shown here is lost."""
+        try:
+            return self.store.add_message(self.conversation.id, role, text, status=status)
+        except ConversationGone:
+            self.restore_conversation()
+            return self.store.add_message(self.conversation.id, role, text, status=status)
+
+    def restore_conversation(self) -> None:
+        """Save the open conversation, as shown, under a new id (its stored copy is gone)."""
+        old = self.conversation
+        self.conversation = self.store.create_conversation(
+            old.title,
+            model=self.model_spec,
+            system_prompt=self.system_prompt,
+            settings=self.settings.to_dict(),
+        )
+        ids = {}
+        for message in self.history:
+            copy = self.store.add_message(
+                self.conversation.id,
+                message.role,
+                message.content,
+                status=message.status,
+                stats=message.stats,
+            )
+            ids[message.id], message.id = copy.id, copy.id
+            message.conversation_id = copy.conversation_id
+        for item in self.chat_log.items:
+            item.message_id = ids.get(item.message_id, item.message_id)
+        if self.reply is not None:
+            self.reply.message_id = ids.get(self.reply.message_id, self.reply.message_id)
+        self.store.set_pref("last_conversation", self.conversation.id)
+        self.notify(
+            "This conversation was deleted in another window; it is saved again as a new one",
+            severity="warning",
+            timeout=8,
+        )
+
     async def start_reply(self) -> None:
         assert self.session is not None and self.conversation is not None
         messages = self.messages_for_model()
-        stored = self.store.add_message(self.conversation.id, "assistant", "", status="streaming")
+        stored = self.save_message("assistant", "", status="streaming")
         self.history.append(stored)
         self.reply = ReplyBuffer(stored.id)
         self.reply_item = await self.chat_log.add(
@@ -380,7 +420,8 @@ class ChatApp(ConversationActions, App):
             self.speed.show_stats(stats, "■ stopping…" if buffer.stopped else "●")
         if time.monotonic() - self._last_save > SAVE_INTERVAL:
             self._last_save = time.monotonic()
-            self.store.update_message(buffer.message_id, content=buffer.text)
+            if not self.store.update_message(buffer.message_id, content=buffer.text):
+                self.restore_conversation()
 
     async def on_reply_done(self, message: ReplyDone) -> None:
         buffer, item = message.buffer, self.reply_item
@@ -399,9 +440,9 @@ class ChatApp(ConversationActions, App):
         else:
             stored.content, stored.status = buffer.text, status
             stored.stats = stats.to_dict() if stats else None
-            self.store.update_message(
-                stored.id, content=buffer.text, status=status, stats=stored.stats
-            )
+            update = dict(content=buffer.text, status=status, stats=stored.stats)
+            if not self.store.update_message(stored.id, **update):
+                self.restore_conversation()  # it brings this reply along, as it is now
             await item.finish(buffer.text, status, stats)
         if buffer.error:
             await self.chat_log.add(MessageItem("error", buffer.error))
@@ -495,12 +536,11 @@ class ChatApp(ConversationActions, App):
         buffer.request_stop()
         buffer.done.wait(timeout)
         buffer.take()
-        self.store.update_message(
-            buffer.message_id,
-            content=buffer.text,
-            status="stopped",
-            stats=buffer.stats.to_dict() if buffer.stats else None,
-        )
+        stats = buffer.stats.to_dict() if buffer.stats else None
+        update = dict(content=buffer.text, status="stopped", stats=stats)
+        if not self.store.update_message(buffer.message_id, **update):
+            self.history[-1].content, self.history[-1].status = buffer.text, "stopped"
+            self.restore_conversation()
 
     async def action_quit(self) -> None:
         self.stop_generation()
@@ -515,22 +555,15 @@ def run_chat(
     model: str | None = None,
     *,
     system_prompt: str = "",
-    temperature: float | None = None,
-    max_tokens: int | None = None,
+    settings: SamplingSettings | None = None,
     home: str | Path | None = None,
     trust_remote_code: bool = False,
 ) -> None:
     """Open the chat app (what `appleslm chat [MODEL]` runs)."""
-    overrides: dict[str, Any] = {}
-    if temperature is not None:
-        overrides["temperature"] = temperature
-    if max_tokens is not None:
-        overrides["max_tokens"] = max_tokens
-    settings = SamplingSettings.from_dict(overrides, CHAT_DEFAULTS)
     ChatApp(
         model,
         system_prompt=system_prompt,
-        settings=settings,
+        settings=settings or CHAT_DEFAULTS,
         home=home,
         trust_remote_code=trust_remote_code,
     ).run()

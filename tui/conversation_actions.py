@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from appleslm.generate import SamplingSettings, Stats
 from appleslm_tui.model_list import label
 from appleslm_tui.screens import ConfirmDialog, ConversationsScreen, SettingsScreen, TextDialog
 from appleslm_tui.store import slug
 from appleslm_tui.widgets import MessageItem
-
-from appleslm.generate import SamplingSettings, Stats
 
 
 class ConversationActions:

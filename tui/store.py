@@ -85,6 +85,10 @@ class StoreError(AppleslmError, RuntimeError):
     """The history file cannot be opened (unreadable, corrupt, not a database)."""
 
 
+class ConversationGone(StoreError):
+    """The conversation was deleted (by another window on the same history) while open here."""
+
+
 class Store:
     """The conversation history. All calls come from the UI thread (one connection)."""
 
@@ -245,6 +249,9 @@ class Store:
     ) -> StoredMessage:
         now = time.time() if now is None else now
         with self._transaction() as db:
+            found = db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,))
+            if found.fetchone() is None:
+                raise ConversationGone(f"conversation {conversation_id} no longer exists")
             cursor = db.execute(
                 "INSERT INTO messages (conversation_id, role, content, status, stats, created) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -268,7 +275,8 @@ class Store:
         content: str | None = None,
         status: str | None = None,
         stats: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> bool:
+        """Update a message; False when it no longer exists (its conversation was deleted)."""
         fields: dict[str, Any] = {
             "content": content,
             "status": status,
@@ -276,12 +284,13 @@ class Store:
         }
         fields = {k: v for k, v in fields.items() if v is not None}
         if not fields:
-            return
+            return True
         assignments = ", ".join(f"{name} = ?" for name in fields)
         with self._transaction() as db:
-            db.execute(
+            cursor = db.execute(
                 f"UPDATE messages SET {assignments} WHERE id = ?", (*fields.values(), message_id)
             )
+        return cursor.rowcount > 0
 
     def delete_messages_from(self, message_id: int) -> None:
         """Delete a message and every later one of its conversation (edit, regenerate)."""

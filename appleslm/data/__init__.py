@@ -7,16 +7,14 @@ vocabulary size it must fit.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from appleslm.atomic import atomic_file
 from appleslm.data.batches import PackedBatches, iter_eval_batches, num_windows
 from appleslm.data.corpus import DataError, corpus_fingerprint, iter_documents
 from appleslm.data.tokenizer import (
@@ -114,15 +112,7 @@ def _trained_tokenizer(
     )
     show = sys.stderr.isatty() if progress is None else progress
     tokenizer = train_tokenizer(docs, vocab_size, show_progress=show)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same atomic-write rule as the token cache: a killed run must not leave half a tokenizer.
-    fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", suffix=".json", dir=path.parent)
-    os.close(fd)
-    try:
-        tokenizer.save(tmp)
-        json.loads(Path(tmp).read_text())  # refuse to publish something unreadable
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp:  # a killed run must not leave half a tokenizer
+        tokenizer.save(str(tmp))
+        json.loads(tmp.read_text())  # refuse to publish something unreadable
     return tokenizer, str(path)

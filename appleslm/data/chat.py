@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from appleslm.atomic import atomic_write
 from appleslm.data.corpus import DataError
 from appleslm.data.tokenizer import DEFAULT_CHAT_TEMPLATE, EOT, IM_END, IM_START
 
@@ -163,19 +164,33 @@ def read_conversations(
     check_policy(on_error)
     path = Path(path)
     conversations, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(ChatRecordError(path, line_no, f"not valid JSON ({e.msg})"))
-                continue
-            try:
-                conversations.append(Conversation(parse_record(record), str(path), line_no))
-            except ValueError as e:
-                errors.append(ChatRecordError(path, line_no, str(e)))
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise ChatDataError(f"cannot read {path}: {e}") from e
+    for line_no, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8").removeprefix("\ufeff")  # a BOM is not part of the text
+        except UnicodeDecodeError as e:
+            errors.append(
+                ChatRecordError(
+                    path,
+                    line_no,
+                    f"not UTF-8 text (bad byte at column {e.start + 1}); re-encode the file",
+                )
+            )
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(ChatRecordError(path, line_no, f"not valid JSON ({e.msg})"))
+            continue
+        try:
+            conversations.append(Conversation(parse_record(record), str(path), line_no))
+        except ValueError as e:
+            errors.append(ChatRecordError(path, line_no, str(e)))
     refuse_or_report(errors, on_error, str(path))
     return conversations, errors
 
@@ -530,9 +545,9 @@ def convert_default_data(
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, items in splits.items():
-        tmp = out_dir / f".{name}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps({"messages": c}) + "\n" for c in items), "utf-8")
-        tmp.replace(out_dir / f"{name}.jsonl")
+        atomic_write(
+            out_dir / f"{name}.jsonl", "".join(json.dumps({"messages": c}) + "\n" for c in items)
+        )
     return {
         "source": source,
         "out_dir": str(out_dir),

@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from appleslm.atomic import atomic_directory
 from appleslm.data.corpus import DataError, corpus_fingerprint, iter_documents
 from appleslm.data.tokenizer import eot_id
 
@@ -116,9 +115,7 @@ def cached_tokens(
         return cache
     n_docs, n_chars = count_documents(source, text_field)
     is_val = split_mask(n_docs, val_fraction, seed)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=root))
-    try:
+    with atomic_directory(entry) as tmp:  # a broken entry, or a concurrent run's, is replaced
         meta = _tokenize(
             iter_documents(source, text_field), is_val, n_chars, tokenizer, tmp, progress
         )
@@ -134,15 +131,6 @@ def cached_tokens(
             version=CACHE_VERSION,
         )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if entry.exists():  # a broken entry, or a concurrent run that finished first
-            shutil.rmtree(entry, ignore_errors=True)
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if _load(entry, key) is None:  # lost a race to an equally valid writer: use theirs
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     cache = _load(entry, key)
     if cache is None:
         raise DataError(f"token cache {entry} could not be read back after writing")

@@ -12,6 +12,7 @@ into an error message.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 
@@ -151,8 +152,17 @@ def download(
             f"cannot download {what}: lost the connection to {endpoint} ({type(e).__name__}); "
             f"check the network, or raise {TIMEOUT_ENV} (now {hub_timeout():g} s)"
         ) from e
+    except json.JSONDecodeError as e:
+        raise HubError(f"cannot download {what}: {not_a_hub(endpoint, e)}") from e
     except OSError as e:
         raise HubError(f"cannot download {what} from {endpoint}: {e}") from e
+
+
+def not_a_hub(endpoint: str, error: Exception) -> str:
+    return (
+        f"{endpoint} answered with something that is not the Hub's JSON ({error}); "
+        "check --endpoint / HF_ENDPOINT."
+    )
 
 
 def upload_folder(
@@ -200,11 +210,8 @@ def _push_error(e: Exception, repo_id: str, endpoint: str, *, has_token: bool) -
             f"check the network or --endpoint, or raise {TIMEOUT_ENV} (now {hub_timeout():g} s). "
             "Nothing was changed locally."
         )
-    if isinstance(e, ValueError) and "json" in str(e).lower():  # a server that is not a Hub
-        return (
-            f"{endpoint} answered with something that is not the Hub's JSON ({e}); "
-            "check --endpoint / HF_ENDPOINT. Nothing was changed locally."
-        )
+    if isinstance(e, json.JSONDecodeError):
+        return f"{not_a_hub(endpoint, e)} Nothing was changed locally."
     return None
 
 

@@ -342,11 +342,17 @@ class Trainer:
         """Stop a diverged run before anything is saved, so the last checkpoint stays good."""
         if math.isfinite(loss) and math.isfinite(grad_norm) and loss < DIVERGED_LOSS:
             return
+        found = list_checkpoints(self.checkpoints)
+        kept = (
+            f"The last good checkpoint is {found[-1].path} (step {found[-1].step}): lower the "
+            "learning rate (lr) or raise warmup_steps, then continue it with --resume"
+            if found
+            else "No checkpoint was written: lower the learning rate (lr) or raise warmup_steps "
+            "and start again"
+        )
         raise TrainingError(
             f"the run diverged: loss became {loss:.4g} (gradient norm {grad_norm:.4g}) at step "
-            f"{self.step + 1}; stopping without saving. The last good checkpoint is in "
-            f"{self.checkpoints} (resume from it with --resume); lower the learning rate or "
-            "raise the warmup first"
+            f"{self.step + 1}; stopping without saving. {kept}."
         )
 
     def update_is_sound(self, batch: StepBatch, loss_before: float) -> bool:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from appleslm_tui.app import ChatApp
 
 from appleslm.generate import SamplingSettings
 from appleslm.io.model_dir import save_model_dir
 from appleslm.models import Model, ModelArgs
+from appleslm_tui.app import ChatApp
 
 GREEDY = SamplingSettings(max_tokens=24)
 

@@ -6,14 +6,14 @@ import asyncio
 import time
 
 import mlx.core as mx
-from appleslm_tui.model_list import ModelEntry
-from appleslm_tui.screens import ConversationsScreen, ModelPickerScreen, SettingsScreen
-from appleslm_tui.store import Store
-from appleslm_tui.widgets import MessageItem
 from textual.widgets import Input, OptionList
 
 import appleslm.generate as generate
 from appleslm.generate import SamplingSettings
+from appleslm_tui.model_list import ModelEntry
+from appleslm_tui.screens import ConversationsScreen, ModelPickerScreen, SettingsScreen
+from appleslm_tui.store import Store
+from appleslm_tui.widgets import MessageItem
 from tests.tui.tui_helpers import notifications, press_now, ready, send, wait_until
 
 SIZE = (80, 24)
@@ -385,3 +385,33 @@ async def test_footer_and_palette(make_app, tiny_model_dir):
         await pilot.pause()
         await pilot.press(*"switch model", "enter")
         await wait_until(pilot, lambda: isinstance(app.screen, ModelPickerScreen))
+
+
+async def test_a_conversation_deleted_in_another_window_loses_nothing(make_app, tiny_model_dir):
+    app = make_app(tiny_model_dir, settings=SamplingSettings(max_tokens=8))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "first question")
+        await wait_until(pilot, lambda: len(app.history) == 2 and not app.generating)
+        other = Store.open(app.home)  # a second window on the same history
+        first = app.conversation.id
+        other.update_conversation(first, title="renamed elsewhere")
+        other.delete_conversation(first)
+        await send(pilot, "second question")  # the typed message must survive
+        await wait_until(pilot, lambda: len(app.history) == 4 and not app.generating)
+        assert any("deleted in another window" in n for n in notifications(app))
+        assert app.conversation.id != first
+        saved = other.messages(app.conversation.id)
+        assert [m.content for m in saved] == [m.content for m in app.history]
+        assert saved[2].content == "second question" and saved[3].status == "done"
+
+        app.settings = SamplingSettings(max_tokens=100_000)  # deleted while a reply streams
+        await send(pilot, "third question")
+        await wait_until(pilot, lambda: app.speed.stats is not None and app.generating)
+        other.delete_conversation(app.conversation.id)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not app.generating, timeout=10)
+        saved = other.messages(app.conversation.id)
+        assert saved[-2].content == "third question" and saved[-1].status == "stopped"
+        assert saved[-1].content == app.history[-1].content and saved[-1].content
+        other.close()

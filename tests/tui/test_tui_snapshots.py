@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from appleslm_tui.store import Store
 
+from appleslm_tui.store import Store
 from tests.tui.tui_helpers import ready, send, wait_until
 
 SIZE = (80, 24)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from appleslm_tui.store import DB_NAME, Store, StoreError, data_home, slug
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from appleslm_tui.app import ChatApp
 from textual import events
+
+from appleslm_tui.app import ChatApp
 
 
 async def wait_until(pilot, predicate: Callable[[], bool], timeout: float = 20.0) -> None:

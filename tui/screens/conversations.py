@@ -5,9 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from appleslm_tui.model_list import label
-from appleslm_tui.screens.dialogs import ConfirmDialog, TextDialog
-from appleslm_tui.store import Conversation, Store, slug
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -15,6 +12,10 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList
 from textual.widgets.option_list import Option
+
+from appleslm_tui.model_list import label
+from appleslm_tui.screens.dialogs import ConfirmDialog, TextDialog
+from appleslm_tui.store import Conversation, Store, slug
 
 Result = tuple[str, int | None]
 """("open", id) or ("new", None)."""
