@@ -176,6 +176,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         recipe=args.recipe,
         eval_text=args.eval_text,
         trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
     )
     print(format_report(report))
 
@@ -183,7 +184,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from appleslm.io.export import export_llama
 
-    out = export_llama(args.model, args.out)
+    out = export_llama(args.model, args.out, overwrite=args.overwrite)
     print(f"exported to {out}: a plain llama checkpoint; load it with mlx_lm.load({str(out)!r})")
 
 
@@ -390,11 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="text to measure perplexity on (default: the validation split of the training corpus)",
     )
     p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("export", help="write a plain llama checkpoint stock mlx-lm loads")
     add_model_args(p)
     p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import-gguf", help="convert a Llama-architecture GGUF to a model dir")

@@ -657,6 +657,8 @@ def density_report(
     ~1, a check on the fit. `z` sets the width of the reported ranges (1 = one sigma). Raises
     DensityError when the fit is ill-posed or a run's loss is below the fitted floor.
     """
+    if not (z > 0 and math.isfinite(z)):
+        raise DensityError(f"the width of the reported ranges (--sigma) must be > 0, got {z}")
     runs = load_runs(run_dirs)
     if not runs:
         raise DensityError("no runs given")

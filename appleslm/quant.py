@@ -9,9 +9,11 @@ from typing import Any
 import mlx.nn as nn
 from mlx_lm.utils import compute_bits_per_weight, quantize_model
 
+from appleslm.config import ConfigError
 from appleslm.evaluate.perplexity import eval_window, evaluate_tokens, held_out_tokens
 from appleslm.io.files import ModelDirError, Quality, QuantRecord, read_config, read_provenance
 from appleslm.io.model_dir import (
+    check_output_dir,
     display_name,
     load_model,
     model_reference,
@@ -84,11 +86,13 @@ def quantize(
     recipe: str = "uniform",
     eval_text: str | None = None,
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> QuantReport:
     if bits not in BITS or group_size not in GROUP_SIZES or recipe not in RECIPES:
-        raise ValueError(
+        raise ConfigError(
             f"bits must be one of {BITS}, group size one of {GROUP_SIZES}, recipe one of {RECIPES}"
         )
+    check_output_dir(Path(out_dir), overwrite)
     model_dir = resolve_model(model_spec)
     config = read_config(model_dir)
     if "quantization" in config:
@@ -120,7 +124,12 @@ def quantize(
         split = "the given text" if eval_text else "held-out documents of the training data"
         provenance.quality = Quality(after["loss"], after["ppl"], after["tokens"], split)
     out = save_model_dir(
-        out_dir, model, tokenizer_dir=model_dir, provenance=provenance, config=config
+        out_dir,
+        model,
+        tokenizer_dir=model_dir,
+        provenance=provenance,
+        config=config,
+        overwrite=overwrite,
     )
     return QuantReport(
         out,

@@ -76,10 +76,10 @@ def trained_model_dir(tmp_path_factory, corpus_dir, token_cache) -> Path:
 
 @pytest.fixture
 def write_config(tmp_path, corpus_dir, token_cache):
-    def write(model=None, **train) -> Path:
+    def write(model=None, data=None, **train) -> Path:
         config = {
             "model": {**MICRO_MODEL, **(model or {})},
-            "data": {"source": str(corpus_dir), "cache_dir": str(token_cache)},
+            "data": {"source": str(corpus_dir), "cache_dir": str(token_cache), **(data or {})},
             "train": {
                 "steps": 40,
                 "batch_size": 4,

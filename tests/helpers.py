@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -108,3 +109,12 @@ def assert_same_run(single: Path, parallel: Path) -> None:
     a, b = final_weights(single), final_weights(parallel)
     for name in a:
         assert mx.allclose(a[name], b[name], atol=1e-4).item(), name
+
+
+def tree_hashes(directory: Path) -> dict[str, str]:
+    """Every file under `directory` and a hash of its bytes: what "nothing changed" compares."""
+    return {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }

@@ -534,6 +534,8 @@ def convert_default_data(
     """
     if source not in DEFAULT_SOURCES:
         raise ChatDataError(f"unknown chat corpus {source!r}; known: {', '.join(DEFAULT_SOURCES)}")
+    if not 0 < val_fraction < 1:
+        raise ChatDataError(f"val_fraction (--val-fraction) must be in (0, 1), got {val_fraction}")
     convert = chatterbot_conversations if source == "chatterbot" else chitchat_conversations
     conversations = convert()
     questions = sorted({c[0]["content"] for c in conversations})

@@ -16,6 +16,7 @@ from mlx_lm.models import llama
 
 from appleslm.io.files import ModelDirError, read_config, read_provenance
 from appleslm.io.model_dir import (
+    check_output_dir,
     display_name,
     load_model,
     model_reference,
@@ -65,7 +66,8 @@ def llama_weights(model: nn.Module) -> dict[str, Any]:
     return weights
 
 
-def export_llama(model_spec: str | Path, out_dir: str | Path) -> Path:
+def export_llama(model_spec: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    check_output_dir(Path(out_dir), overwrite)
     model_dir = resolve_model(model_spec)
     config = read_config(model_dir)
     if config.get("model_type") != "appleslm":
@@ -91,5 +93,10 @@ def export_llama(model_spec: str | Path, out_dir: str | Path) -> Path:
         "layer_repeat": config.get("layer_repeat", 1),
     }
     return save_model_dir(
-        out_dir, exported, tokenizer_dir=model_dir, provenance=provenance, config=exported_config
+        out_dir,
+        exported,
+        tokenizer_dir=model_dir,
+        provenance=provenance,
+        config=exported_config,
+        overwrite=overwrite,
     )

@@ -47,9 +47,9 @@ import mlx.nn as nn
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from appleslm.errors import AppleslmError, ExistingFileError, MissingFileError
+from appleslm.errors import AppleslmError, MissingFileError
 from appleslm.io.files import Provenance
-from appleslm.io.model_dir import save_model_dir
+from appleslm.io.model_dir import check_output_dir, save_model_dir
 
 __all__ = [
     "SUPPORTED_TENSOR_TYPES",
@@ -713,16 +713,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExistingFileError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExistingFileError(
-            f"{out_dir} already exists and is not empty; choose a new directory or pass "
-            "overwrite=True (--overwrite) to replace it"
-        )
-
-
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Convert a llama-architecture GGUF file into an mlx-lm model directory and return its path.
 
@@ -734,7 +724,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool =
     gguf_path, out_dir = Path(gguf_path).expanduser(), Path(out_dir).expanduser().resolve()
     if not gguf_path.is_file():
         raise MissingFileError(f"GGUF file not found: {gguf_path}")
-    _check_out_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite)
 
     header = read_gguf_header(gguf_path)
     config = _llama_config(header, gguf_path)
@@ -764,6 +754,11 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool =
         tokenizer.save(str(Path(tokenizer_dir) / "tokenizer.json"))
         (Path(tokenizer_dir) / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
         save_model_dir(
-            out_dir, model, tokenizer_dir=tokenizer_dir, provenance=provenance, config=config
+            out_dir,
+            model,
+            tokenizer_dir=tokenizer_dir,
+            provenance=provenance,
+            config=config,
+            overwrite=overwrite,
         )
     return out_dir

@@ -78,21 +78,49 @@ def hub_timeout() -> float:
 
 
 def _client_with_timeouts():
-    """huggingface_hub's own HTTP client, with timeouts instead of its default of none."""
+    """huggingface_hub's own HTTP client with every timeout bounded.
+
+    Its default client has no timeout, and some of its calls pass `timeout=None` explicitly,
+    which overrides a client default; so the bound is applied in the transport, to whatever
+    timeout a request arrives with.
+    """
     from huggingface_hub.utils import _http
 
-    client = _http.default_client_factory()
-    client.timeout = type(client.timeout)(hub_timeout(), connect=CONNECT_TIMEOUT)
-    return client
+    default = _http.default_client_factory()
+    httpx = importlib.import_module(type(default).__module__.split(".")[0])  # httpx2 or httpx
+    seconds = hub_timeout()
+
+    class BoundedTransport(httpx.HTTPTransport):
+        def handle_request(self, request):
+            given = request.extensions.get("timeout") or {}
+            bounds = {
+                "connect": CONNECT_TIMEOUT,
+                "read": seconds,
+                "write": seconds,
+                "pool": CONNECT_TIMEOUT,
+            }
+            request.extensions["timeout"] = {
+                name: given.get(name) if given.get(name) is not None else bound
+                for name, bound in bounds.items()
+            }
+            return super().handle_request(request)
+
+    return type(default)(
+        event_hooks=default.event_hooks,
+        follow_redirects=default.follow_redirects,
+        timeout=httpx.Timeout(seconds, connect=CONNECT_TIMEOUT),
+        transport=BoundedTransport(),
+    )
 
 
 def _use_bounded_client() -> None:
-    """Install the timed client once per process (huggingface_hub shares one client)."""
+    """Install the bounded client (huggingface_hub shares one), again if the bound changed."""
     from huggingface_hub import set_client_factory
 
-    if not getattr(_use_bounded_client, "done", False):
-        set_client_factory(_client_with_timeouts)
-        _use_bounded_client.done = True
+    seconds = hub_timeout()
+    if getattr(_use_bounded_client, "seconds", None) != seconds:
+        set_client_factory(_client_with_timeouts)  # closes the old client
+        _use_bounded_client.seconds = seconds
 
 
 def download(

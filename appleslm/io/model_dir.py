@@ -25,6 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from appleslm.atomic import atomic_directory
+from appleslm.errors import ExistingFileError
 from appleslm.io.files import (
     ARCH_FILE,
     CARD_FILE,
@@ -129,18 +130,22 @@ def save_model_dir(
     tokenizer_dir: str | Path,
     provenance: Provenance | None = None,
     config: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `model` as a complete model directory, atomically, with its model card.
 
     Tokenizer files are copied from `tokenizer_dir` (a model dir or a folder the tokenizer was
     saved to). `config` defaults to the model's ModelArgs plus `model_file`; pass mlx-lm's
     config (with "quantization") for a quantized model, or another architecture's config.
+    An existing model directory is replaced only with `overwrite`; anything else at `out_dir`
+    (a file, a folder of other things) is never touched.
     """
     from mlx_lm.utils import save_config, save_model
 
     from appleslm.io.card import render_model_card
 
     out_dir, tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
+    check_output_dir(out_dir, overwrite)
     if not (tokenizer_dir / "tokenizer.json").exists():
         raise ModelDirError(f"no tokenizer.json in {tokenizer_dir}")
     config = dict(config) if config is not None else model_config(model)
@@ -162,6 +167,20 @@ def save_model_dir(
         card = render_model_card(staging, provenance.name or display_name(out_dir))
         (staging / CARD_FILE).write_text(str(card))
     return out_dir
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output that would replace something the user did not ask to replace: a file
+    always, a non-empty folder unless `overwrite` (then it is replaced as a whole)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExistingFileError(f"{out_dir} exists and is not a directory; choose another --out")
+    if overwrite or not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    what = "already holds a model" if (out_dir / CONFIG_FILE).is_file() else "is not empty"
+    raise ExistingFileError(
+        f"{out_dir} {what}; choose another --out, or pass --overwrite to replace it as a whole"
+    )
 
 
 def parameter_total(model: nn.Module) -> int:

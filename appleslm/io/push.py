@@ -50,8 +50,10 @@ def push_model(
     A dry run returns the same file list and card and touches no network.
     """
     model_dir = Path(model_dir).expanduser().resolve()  # "." has no name and no parent to stage in
+    if not model_dir.exists():
+        raise ModelDirError(f"{model_dir}: no such model directory")
     if not model_dir.is_dir():
-        raise ModelDirError(f"{model_dir} is not a directory")
+        raise ModelDirError(f"{model_dir} is a file, not a model directory")
     if not is_repo_id(repo_id):
         raise HubError(f"{repo_id!r} is not a Hub repo id: use namespace/name (e.g. you/my-model)")
     load_model(model_dir, trust_remote_code=trust_remote_code, lazy=True)  # what others will get

@@ -162,7 +162,11 @@ class Pretraining:
         with tempfile.TemporaryDirectory() as tokenizer_dir:
             save_tokenizer(self.data.tokenizer, Path(tokenizer_dir))
             return save_model_dir(
-                out_dir, self.model, tokenizer_dir=tokenizer_dir, provenance=provenance
+                out_dir,
+                self.model,
+                tokenizer_dir=tokenizer_dir,
+                provenance=provenance,
+                overwrite=True,
             )
 
 

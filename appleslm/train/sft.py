@@ -274,6 +274,7 @@ class ChatTuning:
                 tokenizer_dir=tokenizer_dir,
                 provenance=provenance,
                 config=config,
+                overwrite=True,  # the run's own model, re-made when a finished run continues
             )
 
     def write_tokenizer(self, out: Path) -> None:

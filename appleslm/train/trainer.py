@@ -45,10 +45,27 @@ from appleslm.train.optim import build_optimizer
 RUN_RECORD = "config.yaml"
 MODEL_DIR = "model"
 DIVERGED_LOSS = 100.0  # nats per token (a probability of e^-100): no model, whatever the vocab
+# One step that moves the weights by more than twice their own norm has blown them up (even to
+# finite values). Healthy AdamW steps move them by a few percent; Adam's first steps, of about
+# lr per weight, reach 0.5 only at lr 1e-2 on the usual 0.02-scale initialisation.
+MAX_UPDATE_RATIO = 2.0
 
 
 class TrainingError(AppleslmError, RuntimeError):
     """Training cannot go on (diverged, bad run directory); the last good checkpoint is kept."""
+
+
+def is_sound(loss: float, grad_norm: float) -> bool:
+    """A step whose loss and gradient are finite and whose loss is not absurd."""
+    return math.isfinite(loss) and math.isfinite(grad_norm) and loss < DIVERGED_LOSS
+
+
+def update_ratio(before: Any, after: Any) -> mx.array:
+    """||after - before|| / ||before|| over every trainable weight."""
+    pairs = zip(tree_flatten(before), tree_flatten(after))
+    moved = [((b2 - b1).astype(mx.float32) ** 2).sum() for (_, b1), (_, b2) in pairs]
+    size = [(w.astype(mx.float32) ** 2).sum() for _, w in tree_flatten(before)]
+    return mx.sqrt(mx.stack(moved).sum() / (mx.stack(size).sum() + 1e-30))
 
 
 def safe_exp(x: float) -> float:
@@ -224,7 +241,7 @@ class Trainer:
             atomic_write(
                 self.run_dir / RUN_RECORD, yaml.safe_dump(task.run_record(), sort_keys=False)
             )
-        self.compute_grads, self.apply_update, self.eval_sums = self.build_steps()
+        self.compute_grads, self.clip, self.update, self.eval_sums = self.build_steps()
 
     @property
     def model(self) -> nn.Module:
@@ -296,22 +313,28 @@ class Trainer:
             (total, count), grads = loss_and_grad(model, batch)
             return total, count, grads
 
-        def apply_update(grads, scale):
+        def clip(grads, scale):
             # The gradient of the summed loss, over every rank, times world / tokens: the
             # gradient of the mean over all the step's tokens, however they were split.
             grads = nn.average_gradients(grads, group=group)
             grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
-            grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+            return optim.clip_grad_norm(grads, cfg.grad_clip)
+
+        def update(grads):
             optimizer.update(model, grads)
-            return norm
 
         def eval_sums(batch):
             return self.task.loss(model, batch)
 
         if not cfg.compile:
-            return compute_grads, apply_update, eval_sums
+            return compute_grads, clip, update, eval_sums
         compiled = partial(mx.compile, inputs=state, outputs=state)
-        return compiled(compute_grads), compiled(apply_update), mx.compile(eval_sums, inputs=state)
+        return (
+            compiled(compute_grads),
+            mx.compile(clip),
+            compiled(update),
+            mx.compile(eval_sums, inputs=state),
+        )
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -323,7 +346,8 @@ class Trainer:
         summed = mx.distributed.all_sum(mx.stack(values), group=self.group)
         return [summed[i] for i in range(len(values))]
 
-    def train_step(self, batch: StepBatch) -> tuple[float, float]:
+    def gradients(self, batch: StepBatch) -> tuple[float, float, Any]:
+        """(mean loss, gradient norm, clipped gradients) of a batch at the current weights."""
         # Any randomness inside a step then depends only on (seed, step): resume stays exact.
         mx.random.seed(self.cfg.seed * 1_000_003 + self.step)
         total = count = grads = None
@@ -333,16 +357,32 @@ class Trainer:
             count = c if count is None else count + c
             grads = g if grads is None else tree_map(mx.add, grads, g)
         total, count = self.all_sum(total, count)
-        norm = self.apply_update(grads, self.world / count)
+        grads, norm = self.clip(grads, self.world / count)
         loss = total / count
-        mx.eval(loss, norm, self.model.state, self.optimizer.state)
-        return loss.item(), norm.item()
+        mx.eval(loss, norm, grads)
+        return loss.item(), norm.item(), grads
 
-    def check_step(self, loss: float, grad_norm: float) -> None:
+    def train_step(self, batch: StepBatch) -> tuple[float, float]:
+        """One optimizer step (for benchmarks; the loop interleaves checkpoints with it)."""
+        loss, norm, grads = self.gradients(batch)
+        self.apply(grads)
+        return loss, norm
+
+    def apply(self, grads: Any) -> float:
+        """Update the weights; returns the update's size relative to the weights' norm."""
+        before = self.model.trainable_parameters()
+        self.update(grads)
+        ratio = update_ratio(before, self.model.trainable_parameters())
+        mx.eval(self.model.state, self.optimizer.state, ratio)
+        return ratio.item()
+
+    def check_step(self, loss: float, grad_norm: float, ratio: float = 0.0) -> None:
         """Stop a diverged run before anything is saved, so the last checkpoint stays good."""
-        if math.isfinite(loss) and math.isfinite(grad_norm) and loss < DIVERGED_LOSS:
+        if is_sound(loss, grad_norm) and ratio <= MAX_UPDATE_RATIO:
             return
         found = list_checkpoints(self.checkpoints)
+        if self.rank == 0:  # what is logged past the last good state belongs to no run
+            self.metrics.truncate_after(found[-1].step if found else 0)
         kept = (
             f"The last good checkpoint is {found[-1].path} (step {found[-1].step}): lower the "
             "learning rate (lr) or raise warmup_steps, then continue it with --resume"
@@ -350,20 +390,14 @@ class Trainer:
             else "No checkpoint was written: lower the learning rate (lr) or raise warmup_steps "
             "and start again"
         )
-        raise TrainingError(
-            f"the run diverged: loss became {loss:.4g} (gradient norm {grad_norm:.4g}) at step "
-            f"{self.step + 1}; stopping without saving. {kept}."
+        what = (
+            f"the update moved the weights by {ratio:.3g}x their norm"
+            if ratio > MAX_UPDATE_RATIO
+            else f"loss became {loss:.4g} (gradient norm {grad_norm:.4g})"
         )
-
-    def update_is_sound(self, batch: StepBatch, loss_before: float) -> bool:
-        """Whether the weights just updated are safe to save: finite, and not blown up by the
-        last update (their loss on the step's own first micro-batch, forward only, must not be
-        far above the loss before it). Only then is a checkpoint written."""
-        if not state_is_finite(self.model, self.optimizer):
-            return False
-        total, count = self.eval_sums(to_mx(batch.micro[0]))
-        after = (total / count).item()
-        return math.isfinite(after) and after < min(DIVERGED_LOSS, 2 * loss_before + 1.0)
+        raise TrainingError(
+            f"the run diverged: {what} at step {self.step + 1}; stopping without saving. {kept}."
+        )
 
     # validation
 
@@ -399,22 +433,34 @@ class Trainer:
 
     # checkpoints and records
 
-    def checkpoint(self) -> None:
+    def snapshot(self) -> dict[str, Any]:
+        """What a checkpoint of the current step records beyond the weights (taken now, written
+        once a gradient at these weights has shown they are sound)."""
+        return {
+            **self.task.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "seconds": self.seconds,
+            "val_loss_before": self.val_loss_before,
+        }
+
+    def checkpoint(self, snapshot: dict[str, Any]) -> bool:
+        """Write the current weights as the checkpoint of `snapshot`'s step, if they are
+        finite (moments included); the loop calls this only after a finite gradient at them."""
+        if not state_is_finite(self.model, self.optimizer):
+            self.log(f"step {snapshot['step']}: the weights are not finite; not saved")
+            return False
         if self.rank == 0:
-            state = {
-                **self.task.state_dict(),
-                "tokens_seen": self.tokens_seen,
-                "seconds": self.seconds,
-                "val_loss_before": self.val_loss_before,
-            }
+            state = {k: v for k, v in snapshot.items() if k != "step"}
             save_checkpoint(
                 self.checkpoints,
-                self.step,
+                snapshot["step"],
                 self.model,
                 self.optimizer,
                 state,
                 keep=self.cfg.keep_checkpoints,
             )
+        return True
 
     def record(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
@@ -426,7 +472,12 @@ class Trainer:
     # the loop
 
     def fit(self) -> tuple[float | None, bool]:
-        """Train to `cfg.steps`; returns (last validation loss, whether a stop was requested)."""
+        """Train to `cfg.steps`; returns (last validation loss, whether a stop was requested).
+
+        A checkpoint of step N is written during step N + 1, once the gradient at the weights
+        of step N has come out finite and before they are updated: an update that blows the
+        weights up (even to finite values) is thus never saved.
+        """
         cfg = self.cfg
         self.log(f"{self.task.describe()}; BLAS: {blas_in_use()}; {self.world} process(es)")
         if self.step == 0 and self.task.evaluate_first:
@@ -440,13 +491,18 @@ class Trainer:
             dynamic_ncols=True,
             disable=not self.progress or self.rank != 0,
         )
-        window_start, window_tokens, start = time.perf_counter(), 0, self.step
+        window_start, window_tokens = time.perf_counter(), 0
+        pending, batch = None, None
         with StopRequest() as stop:
             while self.step < cfg.steps and not stop.requested:
                 started = time.perf_counter()
                 batch = self.task.step_batch(self.step)
-                loss, norm = self.train_step(batch)
+                loss, norm, grads = self.gradients(batch)
+                if pending is not None and is_sound(loss, norm):
+                    self.checkpoint(pending)
+                pending = None
                 self.check_step(loss, norm)
+                self.check_step(loss, norm, self.apply(grads))
                 self.step += 1
                 self.tokens_seen += batch.tokens
                 window_tokens += batch.tokens
@@ -470,20 +526,16 @@ class Trainer:
                     val_loss = self.evaluate()
                     bar.unpause()  # the time spent validating is no part of the step rate
                     window_start = time.perf_counter()
-                if self.step % cfg.save_every == 0 or last:
-                    if self.update_is_sound(batch, loss):
-                        self.checkpoint()
-                    else:
-                        self.log(
-                            f"step {self.step}: the weights look diverged; not saving this "
-                            "checkpoint"
-                        )
+                if self.step % cfg.save_every == 0 or last or stop.requested:
+                    pending = self.snapshot()
                 bar.update(1)
             bar.close()
+            saved = False
+            if pending is not None:  # the last step's weights: one more gradient to vouch for them
+                loss, norm, _ = self.gradients(batch)
+                self.check_step(loss, norm)
+                saved = self.checkpoint(pending)
             if stop.requested:
-                saved = self.step > start and self.update_is_sound(batch, loss)
-                if saved:
-                    self.checkpoint()
                 where = "checkpoint saved" if saved else "nothing new to save"
                 self.log(f"stopped at step {self.step}; {where}. Continue with --resume.")
         return val_loss, stop.requested

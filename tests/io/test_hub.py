@@ -6,7 +6,6 @@ tmp_path and the loopback server, and connections leaving the machine are refuse
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -19,6 +18,7 @@ from appleslm.io.card import MARKER, render_model_card, write_model_card
 from appleslm.io.hub import HubError
 from appleslm.io.model_dir import ModelDirError, load_model, resolve_model
 from appleslm.io.push import push_model
+from tests.helpers import tree_hashes
 from tests.hub_server import HubServer, free_port, isolate_hub_client
 
 FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789"
@@ -50,14 +50,6 @@ def greedy_tokens(model_spec, n: int = 10) -> list[int]:
             model, tokenizer, "The Congress shall", max_tokens=n, sampler=make_sampler(temp=0.0)
         )
     ]
-
-
-def tree_hashes(directory: Path) -> dict[str, str]:
-    return {
-        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
 
 
 def error_chain(e: BaseException | None) -> str:
@@ -289,3 +281,88 @@ def test_push_from_the_model_directory_itself(hub, tiny_model_dir, tmp_path, mon
     result = push_model(".", "me/here")
     assert "README.md" in hub.repos["me/here"].files and result.commit
     assert tree_hashes(model) == tree_hashes(tiny_model_dir)  # nothing staged inside, nothing added
+
+
+class SilentServer:
+    """Accepts connections and never answers: a Hub that hangs."""
+
+    def __enter__(self) -> str:
+        import socket
+        import threading
+
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(64)
+        self.held: list = []
+        threading.Thread(target=self.accept, daemon=True).start()
+        return f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+
+    def accept(self) -> None:
+        while True:
+            try:
+                self.held.append(self.socket.accept()[0])
+            except OSError:
+                return
+
+    def __exit__(self, *exc) -> None:
+        for connection in self.held:
+            connection.close()
+        self.socket.close()
+
+
+def test_a_hub_that_never_answers_times_out_with_a_message(tiny_model_dir, monkeypatch, tmp_path):
+    import time
+
+    isolate_hub_client(monkeypatch, tmp_path / "hf")
+    monkeypatch.setenv("APPLESLM_HUB_TIMEOUT", "1")
+    before = tree_hashes(tiny_model_dir)
+    siblings = sorted(p.name for p in tiny_model_dir.parent.iterdir())
+    with SilentServer() as url:
+        start = time.monotonic()
+        with pytest.raises(HubError, match="APPLESLM_HUB_TIMEOUT"):
+            push_model(tiny_model_dir, "me/tiny", endpoint=url, token=FAKE_TOKEN)
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        with pytest.raises(ModelDirError, match="APPLESLM_HUB_TIMEOUT|cannot reach"):
+            resolve_model("me/tiny")
+        assert time.monotonic() - start < 60  # bounded: a few timeouts with retries, not forever
+    assert tree_hashes(tiny_model_dir) == before
+    assert sorted(p.name for p in tiny_model_dir.parent.iterdir()) == siblings  # no staging left
+
+
+def test_a_server_that_is_not_a_hub_is_a_message(tiny_model_dir, monkeypatch, tmp_path):
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>a captive portal</html>")
+
+        do_GET = do_POST = do_HEAD = answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    isolate_hub_client(monkeypatch, tmp_path / "hf")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(HubError, match="not the Hub's JSON"):
+            push_model(tiny_model_dir, "me/tiny", endpoint=url, token=FAKE_TOKEN)
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        with pytest.raises(ModelDirError, match="not the Hub's JSON|not in the local Hub cache"):
+            resolve_model("me/tiny")
+    finally:
+        server.shutdown()
+
+
+def test_a_missing_local_path_with_one_slash_is_never_sent_to_the_hub(hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "config.json").write_text("{}")
+    with pytest.raises(ModelDirError, match="no such model directory.*runs/: tiny"):
+        resolve_model("runs/tiny-chat")
+    assert hub.requests == []

@@ -96,10 +96,13 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, write_config):
 
 
 def test_divergence_stops_without_touching_the_last_good_checkpoint(tmp_path, write_config):
-    config = write_config(lr=1e4, warmup_steps=0, save_every=1, grad_clip=1e9)
-    done = train(config, tmp_path / "run", check=False)
+    # Good checkpoints first, then the run continued at a rate that blows it up. (At such a rate
+    # from step 0 the first update is already the blow-up, and no checkpoint is good.)
+    train(write_config(steps=3, save_every=1), tmp_path / "run")
+    config = write_config(steps=10, lr=1e4, warmup_steps=0, save_every=1, grad_clip=1e9)
+    done = train(config, tmp_path / "run", "--resume", check=False)
     assert done.returncode == 2
-    assert "loss became" in done.stderr and "last good checkpoint" in done.stderr
+    assert "diverged" in done.stderr and "last good checkpoint" in done.stderr
     checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert checkpoint is not None
     saved = mx.load(str(checkpoint.path / "model.safetensors"))
