@@ -136,6 +136,11 @@ class ChatApp(ConversationActions, App):
         spec = self._initial_model or self.store.get_pref("last_model")
         if spec:
             self.load(spec)
+            if self._initial_model is None:
+                self.notify(
+                    f"Reopened {label(spec)}, the model you used last; ctrl+l picks another",
+                    timeout=6,
+                )
         else:
             self.show_idle()
             if self._pick_model_on_start:
@@ -236,9 +241,9 @@ class ChatApp(ConversationActions, App):
         except ModelDirError as e:
             session, error = None, str(e)
         except MemoryError:
-            session, error = None, f"Out of memory while loading {spec}"
+            session, error = None, f"Out of memory while loading {label(spec)}"
         except Exception as e:  # a model we cannot run must not take the app down
-            session, error = None, f"Cannot load {spec}: {type(e).__name__}: {e}"
+            session, error = None, f"Cannot load {label(spec)}: {type(e).__name__}: {e}"
         self.post_message(ModelLoaded(spec, session, error))
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
@@ -345,7 +350,7 @@ class ChatApp(ConversationActions, App):
         self.conversation = self.store.create_conversation(
             old.title,
             model=self.model_spec,
-            system_prompt=self.system_prompt,
+            system_prompt=old.system_prompt,
             settings=self.settings.to_dict(),
         )
         ids = {}
@@ -412,10 +417,7 @@ class ChatApp(ConversationActions, App):
         fragment, stats = buffer.take()
         if not fragment and stats is self.speed.stats:
             return  # nothing new: leave the CPU (and the GIL) to the model
-        follow = self.chat_log.near_end()
         await item.append(fragment)
-        if follow and fragment:
-            self.chat_log.scroll_end(animate=False)
         if stats is not None and stats.generation_tokens:
             self.speed.show_stats(stats, "■ stopping…" if buffer.stopped else "●")
         if time.monotonic() - self._last_save > SAVE_INTERVAL:

@@ -22,15 +22,18 @@ class ConversationActions:
             self.notify(f"No conversation {conversation_id}", severity="error")
             return
         self.conversation = conversation
-        self.system_prompt = conversation.system_prompt
         try:
             self.settings = SamplingSettings.from_dict(conversation.settings, self.default_settings)
         except ValueError:
             self.settings = self.default_settings
-        self.history = self.store.messages(conversation_id)
+        stored = self.store.messages(conversation_id)
+        # The turns are the history; a system message is a system prompt set mid-conversation.
+        self.history = [m for m in stored if m.role != "system"]
+        changes = [m.content for m in stored if m.role == "system"]
+        self.system_prompt = changes[-1] if changes else conversation.system_prompt
         self.editing = None
         await self.chat_log.clear()
-        for message in self.history:
+        for message in stored:
             stats = Stats.from_dict(message.stats) if message.stats else None
             await self.chat_log.add(
                 MessageItem(
@@ -143,18 +146,22 @@ class ConversationActions:
         self.push_screen(ConfirmDialog(f"Delete “{self.conversation.title}”?"), delete)
 
     def action_settings(self) -> None:
-        def saved(result: tuple[str, SamplingSettings] | None) -> None:
+        async def saved(result: tuple[str, SamplingSettings] | None) -> None:
             if result is None:
                 return
-            self.system_prompt, self.settings = result
-            if self.conversation is not None:
-                self.store.update_conversation(
-                    self.conversation.id,
-                    system_prompt=self.system_prompt,
-                    settings=self.settings.to_dict(),
-                )
-            else:  # a fresh chat: these become the defaults it will be saved with
+            system_prompt, self.settings = result
+            if self.conversation is None:  # a fresh chat: the defaults it will be saved with
                 self.default_system_prompt, self.default_settings = result
+            else:
+                self.store.update_conversation(
+                    self.conversation.id, settings=self.settings.to_dict()
+                )
+                if system_prompt != self.system_prompt:  # recorded where it was changed
+                    message = self.save_message("system", system_prompt)
+                    await self.chat_log.add(
+                        MessageItem("system", system_prompt, message_id=message.id)
+                    )
+            self.system_prompt = system_prompt
             self.notify("Settings saved", timeout=2)
 
         chat_mode = self.session.chat_mode if self.session else True

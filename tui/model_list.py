@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appleslm.io.hub import is_repo_id
+from appleslm.io.model_dir import display_name
 
-SCAN_DEPTH = 2
+SCAN_DEPTH = 3  # ./runs/<run>/model
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,9 @@ def describe(path: Path) -> str:
 
 
 def label(spec: str) -> str:
-    """A short name for a model spec: the repo id for a Hub snapshot, else the folder name."""
-    parts = Path(spec).parts
-    for i, part in enumerate(parts):
-        if part.startswith("models--") and i + 2 < len(parts) and parts[i + 1] == "snapshots":
-            return part[len("models--") :].replace("--", "/")
-    return Path(spec).name or spec
+    """A short name for a model spec: a Hub repo id as it is, a run's `runs/tiny/model` as
+    `tiny`, a Hub cache snapshot by its repo id, else the folder's name."""
+    return spec if is_repo_id(spec) and not Path(spec).exists() else display_name(spec)
 
 
 def _walk(root: Path, depth: int) -> Iterable[Path]:
@@ -83,7 +81,7 @@ def local_models(roots: Sequence[Path]) -> list[ModelEntry]:
             resolved = path.resolve()
             if resolved not in seen:
                 seen.add(resolved)
-                entries.append(ModelEntry(path.name, str(resolved), "local", describe(path)))
+                entries.append(ModelEntry(label(str(path)), str(resolved), "local", describe(path)))
     return entries
 
 

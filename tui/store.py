@@ -335,7 +335,13 @@ class Store:
         if conversation.system_prompt:
             lines += ["## System", "", conversation.system_prompt, ""]
         for message in self.messages(conversation_id):
-            lines += [f"## {message.role.capitalize()}", "", message.content, ""]
+            # A system message in the history is a system prompt set there, mid-conversation.
+            heading = (
+                "System prompt, from here on"
+                if message.role == "system"
+                else (message.role.capitalize())
+            )
+            lines += [f"## {heading}", "", message.content, ""]
         return "\n".join(lines).rstrip() + "\n"
 
 

@@ -217,6 +217,11 @@ def model_reference(spec: str | Path, model_dir: Path) -> str:
 
 
 def display_name(model_dir: str | Path) -> str:
-    """What to call a model: a run's `runs/tiny/model` is `tiny`, else the folder's name."""
-    path = Path(model_dir).expanduser().resolve()
+    """What to call a model: a Hub cache snapshot by its repo id, a run's `runs/tiny/model`
+    after its run (`tiny`), anything else after its folder."""
+    path = Path(model_dir).expanduser().absolute()
+    parts = path.parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part.removeprefix("models--").replace("--", "/")
     return path.parent.name if path.name == "model" and path.parent.name else path.name

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import mlx.core as mx
 from textual.widgets import Input, OptionList
 
 import appleslm.generate as generate
 from appleslm.generate import SamplingSettings
+from appleslm_tui.app import ModelLoaded
 from appleslm_tui.model_list import ModelEntry
 from appleslm_tui.screens import ConversationsScreen, ModelPickerScreen, SettingsScreen
 from appleslm_tui.store import Store
@@ -415,3 +417,134 @@ async def test_a_conversation_deleted_in_another_window_loses_nothing(make_app, 
         assert saved[-2].content == "third question" and saved[-1].status == "stopped"
         assert saved[-1].content == app.history[-1].content and saved[-1].content
         other.close()
+
+
+def end_in_view(log) -> bool:
+    """Whether the bottom of the log's last message is on screen."""
+    return log.items[-1].region.bottom <= log.region.bottom
+
+
+async def stream_scripted(app, pilot, session, prompt: str) -> None:
+    messages = app.messages_for_model() + [{"role": "user", "content": prompt}]
+    session.model.prompt_length = len(session.render(messages))
+    before = len(app.history)
+    await send(pilot, prompt)
+    await wait_until(pilot, lambda: len(app.history) == before + 2 and not app.generating)
+
+
+async def test_the_log_follows_a_markdown_reply_and_shows_its_end(make_app, scripted, monkeypatch):
+    session, _ = scripted
+    at_end: list[bool] = []  # before each fragment: is the end of the log in view?
+    append = MessageItem.append
+
+    async def watch(item: MessageItem, fragment: str) -> None:
+        at_end.append(end_in_view(item.app.chat_log))
+        await append(item, fragment)
+
+    monkeypatch.setattr(MessageItem, "append", watch)
+    app = make_app(settings=SamplingSettings(max_tokens=1000))
+    async with app.run_test(size=SIZE) as pilot:
+        app.post_message(ModelLoaded("scripted", session, None))
+        await wait_until(pilot, lambda: app.session is session)
+        await stream_scripted(app, pilot, session, "Plan the taxes")
+        reply = app.history[-1].content
+        assert "```python" in reply and "| imposts | 5% |" in reply and "2. Then" in reply
+        assert len(at_end) > 5 and all(at_end), [i for i, x in enumerate(at_end) if not x]
+        log = app.chat_log
+        await wait_until(pilot, lambda: end_in_view(log))  # the end of the finished reply shows
+        assert log.virtual_size.height > log.size.height  # and the reply is taller than the log
+
+        # Scrolled up on purpose while a reply streams, the log stays where the user put it...
+        fragments = 0
+
+        async def scroll_up_midway(item: MessageItem, fragment: str) -> None:
+            nonlocal fragments
+            fragments += 1
+            if fragments == 3:
+                item.app.chat_log.scroll_home(animate=False)  # what the mouse wheel or Home does
+            await append(item, fragment)
+
+        monkeypatch.setattr(MessageItem, "append", scroll_up_midway)
+        session.reset()
+        app.history.clear()
+        await stream_scripted(app, pilot, session, "Again")
+        await pilot.pause(0.2)
+        assert fragments > 5 and not end_in_view(log) and log.scroll_y < 3
+        # ...and the next message sent follows the end again.
+        monkeypatch.setattr(MessageItem, "append", append)
+        session.reset()
+        app.history.clear()
+        await stream_scripted(app, pilot, session, "Once more")
+        await wait_until(pilot, lambda: end_in_view(log))
+
+
+async def test_the_picker_finds_runs_types_at_once_and_marks_the_current_model(
+    make_app, tiny_model_dir, tmp_path, monkeypatch
+):
+    import shutil
+
+    for run in ("tiny", "tiny-chat"):
+        shutil.copytree(tiny_model_dir, tmp_path / "work" / "runs" / run / "model")
+    monkeypatch.chdir(tmp_path / "work")
+    current = "runs/tiny/model"
+    app = make_app(current, model_roots=[Path.cwd()])
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert app.title == "appleslm · tiny"  # named after its run, not "model"
+        press_now(app, "ctrl+l")
+        await wait_until(pilot, lambda: isinstance(app.screen, ModelPickerScreen))
+        picker = app.screen
+        assert [e.name for e in picker.entries] == ["tiny", "tiny-chat"]
+        marked = [str(o.prompt) for o in picker.query_one(OptionList).options]
+        assert marked[0].startswith("● tiny") and not marked[1].startswith("●")
+        assert isinstance(app.focused, Input)  # typing a path works at once
+        await pilot.press(*"runs/tiny-chat/model", "enter")
+        await wait_until(pilot, lambda: app.model_spec == "runs/tiny-chat/model" and app.session)
+        assert app.title == "appleslm · tiny-chat"
+
+
+async def test_a_reused_cache_shows_what_was_reused_and_read(make_app, tiny_model_dir):
+    from appleslm_tui.widgets.speed import format_stats
+
+    app = make_app(tiny_model_dir, settings=SamplingSettings(max_tokens=4))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "The Congress")
+        await wait_until(pilot, lambda: len(app.history) == 2 and not app.generating)
+        assert "tok/s" in str(format_stats(app.session.stats)).split("·")[1]
+        await send(pilot, "shall")
+        await wait_until(pilot, lambda: len(app.history) == 4 and not app.generating)
+        stats = app.session.stats
+        assert stats.cached_tokens > 0
+        assert f"{stats.cached_tokens} reused + {stats.prompt_tokens} read" in str(
+            format_stats(stats)
+        )
+
+
+async def test_a_system_prompt_set_mid_conversation_is_exported_where_it_was_set(
+    make_app, tiny_model_dir
+):
+    app = make_app(tiny_model_dir, settings=SamplingSettings(max_tokens=4))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "The Congress")
+        await wait_until(pilot, lambda: len(app.history) == 2 and not app.generating)
+        press_now(app, "ctrl+s")
+        await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        app.screen.query_one("#system-prompt").load_text("Answer in verse.")
+        app.screen.action_save()
+        await wait_until(pilot, lambda: app.system_prompt == "Answer in verse.")
+        await send(pilot, "shall")
+        await wait_until(pilot, lambda: len(app.history) == 4 and not app.generating)
+        exported = app.store.export_markdown(app.conversation.id)
+        headings = [line for line in exported.splitlines() if line.startswith("## ")]
+        assert headings == [
+            "## User",
+            "## Assistant",
+            "## System prompt, from here on",
+            "## User",
+            "## Assistant",
+        ]
+        assert app.messages_for_model()[0] == {"role": "system", "content": "Answer in verse."}
+        await app.open_conversation(app.conversation.id)  # reopened, the prompt is the latest
+        assert app.system_prompt == "Answer in verse."

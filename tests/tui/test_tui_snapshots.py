@@ -57,6 +57,7 @@ def seeded(tmp_path, tiny_model_dir) -> int:
 
 
 async def loaded(pilot) -> None:
+    pilot.app.prompt.cursor_blink = False  # a blinking cursor is drawn or not by the clock
     await ready(pilot)
     await pilot.pause()
 
@@ -89,9 +90,10 @@ def test_conversation_list(snap_compare, make_app, tiny_model_dir, seeded):
 
 def test_prompt_too_long_error(snap_compare, make_app, short_context_model_dir):
     async def overflow(pilot) -> None:
-        await ready(pilot)
+        await loaded(pilot)
         await send(pilot, "the general welfare " * 40)
         await wait_until(pilot, lambda: pilot.app.chat_log.query(".error"))
-        await pilot.pause()
+        await wait_until(pilot, lambda: not pilot.app.generating)  # the reply is wound up
+        await pilot.pause(0.3)  # and the log has settled at its end
 
     assert snap_compare(make_app(short_context_model_dir), terminal_size=SIZE, run_before=overflow)

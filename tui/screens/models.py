@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -41,8 +42,14 @@ class ModelPickerScreen(ModalScreen[str | None]):
                     classes="hint",
                 )
 
+    def is_current(self, entry: ModelEntry) -> bool:
+        if self.current is None:
+            return False
+        here = Path(self.current).expanduser()
+        return entry.spec == self.current or (here.exists() and here.resolve() == Path(entry.spec))
+
     def _row(self, entry: ModelEntry) -> Text:
-        mark = "● " if entry.spec == self.current else "  "
+        mark = "● " if self.is_current(entry) else "  "
         return Text.assemble(
             mark,
             (entry.name, "bold"),
@@ -53,8 +60,22 @@ class ModelPickerScreen(ModalScreen[str | None]):
         )
 
     def on_mount(self) -> None:
-        if self.entries:
-            self.query_one("#model-list", OptionList).focus()
+        # Typing a path or repo id works at once; Down (or Tab) moves to the list.
+        self.query_one("#model-spec", Input).focus()
+        current = next((i for i, e in enumerate(self.entries) if self.is_current(e)), None)
+        if current is not None:
+            self.query_one("#model-list", OptionList).highlighted = current
+
+    def on_key(self, event) -> None:
+        # While typing, Up and Down move through the list (Enter on an empty line loads the
+        # highlighted model), as in a fuzzy finder.
+        options = self.query_one("#model-list", OptionList)
+        if event.key in ("up", "down") and self.focused is self.query_one("#model-spec", Input):
+            event.stop()
+            if event.key == "down":
+                options.action_cursor_down()
+            else:
+                options.action_cursor_up()
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()
@@ -62,8 +83,11 @@ class ModelPickerScreen(ModalScreen[str | None]):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
+        highlighted = self.query_one("#model-list", OptionList).highlighted
         if event.value.strip():
             self.dismiss(event.value.strip())
+        elif highlighted is not None and self.entries:
+            self.dismiss(self.entries[highlighted].spec)
 
     def action_cancel(self) -> None:
         self.dismiss(None)

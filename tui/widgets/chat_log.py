@@ -135,17 +135,23 @@ class MessageItem(Vertical):
 
 
 class ChatLog(VerticalScroll):
-    """The messages of the open conversation, oldest first; follows the end while it streams."""
+    """The messages of the open conversation, oldest first.
+
+    The log is anchored to its end (Textual's anchor): however a streaming reply grows, a code
+    block or a table at a time, the end stays in view, until the user scrolls up on purpose;
+    scrolling back down, or sending a message, anchors it again. Like a terminal, a short
+    conversation sits at the bottom of the log, next to the prompt.
+    """
 
     def compose(self):
         yield Static(EMPTY_HINT, id="empty-hint")
 
+    def on_mount(self) -> None:
+        self.anchor()
+
     @property
     def items(self) -> list[MessageItem]:
         return list(self.query(MessageItem))
-
-    def near_end(self) -> bool:
-        return self.scroll_y >= self.max_scroll_y - 3
 
     async def add(self, item: MessageItem) -> MessageItem:
         self.query_one("#empty-hint").display = False

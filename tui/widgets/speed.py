@@ -13,11 +13,19 @@ def memory(gigabytes: float) -> str:
     return f"{gigabytes:.2f} GB" if gigabytes >= 1 else f"{gigabytes * 1e3:,.1f} MB"
 
 
+def prompt_figure(stats: Stats) -> tuple[str, str]:
+    """The prompt's speed, or, on a turn that reused the conversation's cache, what it read:
+    a rate over the few new tokens of such a turn would say nothing about the model."""
+    if stats.cached_tokens:
+        return "prompt", f"{stats.cached_tokens:,} reused + {stats.prompt_tokens:,} read"
+    return "prompt", f"{stats.prompt_tps:,.0f} tok/s"
+
+
 def format_stats(stats: Stats) -> Text:
     text = Text()
     figures = [
         ("TTFT", f"{stats.ttft:.2f}s"),
-        ("prompt", f"{stats.prompt_tps:,.0f} tok/s"),
+        prompt_figure(stats),
         ("gen", f"{stats.generation_tps:,.1f} tok/s"),
         ("", f"{stats.generation_tokens:,} tok"),
         ("peak", memory(stats.peak_memory)),
