@@ -15,16 +15,9 @@ from mlx_lm.models.cache import make_prompt_cache
 from appleslm.io import load_model, save_model_dir
 from appleslm.models import Model, digit_base, parameter_counts
 from appleslm.models.appleslm import quadratic_bspline
-from tests.helpers import tiny_args
+from tests.helpers import SMALL_GENERATOR, tiny_args
 
-GENERATOR = dict(
-    embedding="leviathan",
-    tie_word_embeddings=False,
-    generator_d_seed=16,
-    generator_heads=2,
-    generator_knots=8,
-    generator_rank=4,
-)
+GENERATOR = dict(SMALL_GENERATOR, tie_word_embeddings=False)
 VARIANTS = {
     "dense": {},
     "gqa-untied": dict(num_key_value_heads=1, tie_word_embeddings=False),
@@ -204,7 +197,7 @@ def test_stock_mlx_lm_generate_cli_runs_our_checkpoint(tiny_model_dir):
         (dict(hidden_size=66), "not divisible by num_attention_heads"),
         (dict(num_key_value_heads=3), "must divide"),
         (dict(embedding="leviathan"), "tie_word_embeddings to false"),
-        (dict(embedding="bytes"), "embedding must be one of"),
+        (dict(embedding="pixels"), "embedding must be one of"),
         (dict(generator_knots=1), "generator_knots"),
     ],
 )
