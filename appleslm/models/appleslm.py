@@ -464,10 +464,13 @@ def byte_string_scores(byte_logits: mx.array, token_bytes: mx.array) -> mx.array
     """(..., slots, 257) byte logits -> (..., V): each id's log-probability of its padded byte
     string, the sum over slots of log p(slot byte), pads included as a symbol."""
     log_probs = nn.log_softmax(byte_logits.astype(mx.float32), axis=-1)
-    scores = mx.take(log_probs[..., 0, :], token_bytes[:, 0], axis=-1)
+    # Slot-major (slots, 257, positions), so each slot's lookup copies whole rows of positions:
+    # 3x faster on MLX's CPU, forward and backward, than gathering along the last axis.
+    by_slot = log_probs.reshape(-1, *log_probs.shape[-2:]).transpose(1, 2, 0)
+    scores = by_slot[0][token_bytes[:, 0]]
     for slot in range(1, token_bytes.shape[1]):
-        scores = scores + mx.take(log_probs[..., slot, :], token_bytes[:, slot], axis=-1)
-    return scores.astype(byte_logits.dtype)
+        scores = scores + by_slot[slot][token_bytes[:, slot]]
+    return scores.T.reshape(*byte_logits.shape[:-2], -1).astype(byte_logits.dtype)
 
 
 class Model(nn.Module):

@@ -26,7 +26,7 @@ from appleslm.data.tokenizer import (
 from appleslm.io import load_model, save_model_dir
 from appleslm.models import Model, build_model, parameter_counts, token_losses
 from appleslm.models import appleslm as arch
-from tests.helpers import SMALL_BYTES, build_tiny, tiny_args
+from tests.helpers import SMALL_BYTES, build_tiny, sample_tokenizer, tiny_args
 
 TEXT = "Naïve café ✓ 🍎 日本語 — the state of the union <|endoftext|>"
 BYTES_IN = dict(SMALL_BYTES, embedding="bytes", tie_word_embeddings=False)
@@ -185,6 +185,7 @@ def test_mlx_lm_generation_and_speculative_decoding_run_on_a_byte_head(tmp_path,
     )
     draft_dir = save_model_dir(tmp_path / "draft", build_tiny(seed=1), tokenizer_dir=tokenizer_dir)
     model, tokenizer = load_model(main_dir)
+    assert token_byte_strings(tokenizer) == token_byte_strings(sample_tokenizer())  # mlx-lm's too
     draft, _ = load_model(draft_dir)
     prompt = "The Congress shall"
     plain = mlx_lm.generate(model, tokenizer, prompt, max_tokens=12)
