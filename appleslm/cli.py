@@ -182,10 +182,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from appleslm.io.export import export_llama
+    from appleslm.io.export import export_stock
+    from appleslm.io.files import read_config
 
-    out = export_llama(args.model, args.out, overwrite=args.overwrite)
-    print(f"exported to {out}: a plain llama checkpoint; load it with mlx_lm.load({str(out)!r})")
+    out = export_stock(args.model, args.out, overwrite=args.overwrite)
+    kind = read_config(out)["model_type"]
+    print(f"exported to {out}: a stock {kind} checkpoint; load it with mlx_lm.load({str(out)!r})")
 
 
 def cmd_import_gguf(args: argparse.Namespace) -> None:

@@ -66,7 +66,7 @@ except ImportError as e:
     sys.path.insert(0, str(Path.cwd()))
     import mlx.core as mx
     from tests.helpers import tiny_args, write_tokenizer
-    from appleslm.io import save_model_dir
+    from appleslm.io.model_dir import save_model_dir
     from appleslm.models import Model
     mx.random.seed(0)
     model = Model(tiny_args())

@@ -8,12 +8,13 @@ import math
 import os
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import mlx.core as mx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from appleslm.models import ModelArgs
+from appleslm.models import Model, ModelArgs, build_model
 
 MICRO_MODEL = dict(
     vocab_size=512,
@@ -34,7 +35,9 @@ SAMPLE_TEXT = (
 ) * 20
 
 
-def write_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
+@cache
+def sample_tokenizer(vocab_size: int = 300) -> Tokenizer:
+    """A real byte-level BPE trained on SAMPLE_TEXT (what `write_tokenizer` saves)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -45,8 +48,12 @@ def write_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
         show_progress=False,
     )
     tokenizer.train_from_iterator([SAMPLE_TEXT], trainer)
+    return tokenizer
+
+
+def write_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
+    sample_tokenizer(vocab_size).save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -118,3 +125,57 @@ def tree_hashes(directory: Path) -> dict[str, str]:
         for p in sorted(directory.rglob("*"))
         if p.is_file()
     }
+
+
+# Small settings of every architecture option, for tests that compose them.
+SMALL_GENERATOR = dict(
+    embedding="leviathan",
+    generator_d_seed=16,
+    generator_heads=2,
+    generator_knots=8,
+    generator_rank=4,
+)
+SMALL_BYTES = dict(
+    byte_slots=8,
+    byte_embedding_dim=16,
+    byte_encoder_widths=[32],
+    byte_encoder_ffn=[32, 64],
+    byte_encoder_heads=2,
+    byte_head_width=16,
+    byte_head_layers=1,
+    byte_head_ffn=32,
+    byte_head_heads=2,
+)
+EMBEDDING_OPTIONS = {
+    "table": {},
+    "leviathan": SMALL_GENERATOR,
+    "bytes": dict(SMALL_BYTES, embedding="bytes"),
+}
+HEAD_OPTIONS = {"linear": {}, "bytes": dict(SMALL_BYTES, head="bytes")}
+FFN_OPTIONS = {"dense": {}, "moe": dict(num_experts=4, num_experts_per_tok=2)}
+
+
+def option_overrides(
+    embedding: str = "table",
+    head: str = "linear",
+    ffn: str = "dense",
+    layer_repeat: int = 1,
+    share_ffn: bool = False,
+) -> dict:
+    """ModelArgs overrides for one combination of the options (tied only where a table can be)."""
+    return {
+        **EMBEDDING_OPTIONS[embedding],
+        **HEAD_OPTIONS[head],
+        **FFN_OPTIONS[ffn],
+        "layer_repeat": layer_repeat,
+        "share_ffn": share_ffn,
+        "tie_word_embeddings": embedding == "table" and head == "linear",
+    }
+
+
+def build_tiny(seed: int = 0, **overrides) -> Model:
+    """A tiny model with random weights (and, for byte options, the sample tokenizer's table)."""
+    mx.random.seed(seed)
+    model = build_model(tiny_args(**overrides), sample_tokenizer(), log=lambda line: None)
+    mx.eval(model.parameters())
+    return model

@@ -7,8 +7,9 @@ import pytest
 from mlx_lm.utils import quantize_model
 
 from appleslm.io.files import ModelDirError, read_config, read_provenance
-from appleslm.io.model_dir import load_model
-from appleslm.quant import quantize
+from appleslm.io.model_dir import load_model, save_model_dir
+from appleslm.quant import quant_predicate, quantize
+from tests.helpers import build_tiny, option_overrides
 
 PROMPT = mx.array([[5, 17, 42, 99, 3, 250, 7]])
 
@@ -87,3 +88,23 @@ def test_user_text_and_bad_requests(trained_model_dir, quantized_8bit, corpus_di
     with pytest.raises(ValueError, match="bits must be one of"):
         quantize(trained_model_dir, tmp_path / "bad", bits=5)
     assert not np.any([p.name == "bad" for p in tmp_path.iterdir()])
+
+
+@pytest.mark.parametrize("recipe", ["uniform", "mixed"])
+def test_moe_and_byte_models_quantize_with_router_and_byte_modules_float(
+    recipe, tmp_path, tokenizer_dir
+):
+    model = build_tiny(**option_overrides("bytes", "bytes", "moe", layer_repeat=2))
+    source = save_model_dir(tmp_path / "m", model, tokenizer_dir=tokenizer_dir)
+    report = quantize(source, tmp_path / "q", bits=4, group_size=32, recipe=recipe)
+    weights = mx.load(str(report.out_dir / "model.safetensors"))
+    assert weights["layers.0.mlp.experts.gate_proj.weight"].dtype == mx.uint32
+    assert weights["layers.0.mlp.router.weight"].dtype == mx.float32
+    assert weights["embed_bytes.byte_embed.weight"].dtype == mx.float32
+    assert weights["byte_head.out.weight"].dtype == mx.float32
+    assert weights["token_bytes"].dtype == mx.int32
+    predicate = quant_predicate(model, 4, 32, recipe)
+    in_memory, _ = quantize_model(model, read_config(source), 32, 4, quant_predicate=predicate)
+    reloaded, _ = load_model(report.out_dir)
+    x = mx.array([[5, 17, 42, 99, 3, 250, 7]])
+    assert mx.array_equal(reloaded(x), in_memory(x)).item()

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from appleslm.data.corpus import DataError
@@ -31,6 +34,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+BYTE_PAD = 256  # the models' byte symbols: the 256 byte values, then the pad (models.appleslm)
 _NO_MAX_LENGTH = int(1e30)  # transformers' own "no limit" value (VERY_LARGE_INTEGER)
 
 
@@ -112,6 +116,58 @@ def save_tokenizer(
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     # transformers >= 4.43 saves the template beside the config; write both so either reader agrees.
     (model_dir / "chat_template.jinja").write_text(chat_template)
+
+
+@cache
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the printable character that stands for each byte
+    in a ByteLevel BPE vocabulary -> that byte (printable ASCII stands for itself)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    shifted = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(shifted)}
+    return {char: byte for byte, char in chars.items()}
+
+
+def token_byte_strings(tokenizer: Any) -> list[bytes]:
+    """The exact UTF-8 bytes of every id of a byte-level BPE, in id order.
+
+    A vocabulary entry is decoded through the byte-level alphabet, so an id holding part of a
+    multi-byte character gets exactly those bytes (decoding ids one at a time would turn them
+    into U+FFFD); added and special tokens are their literal text. Takes a
+    `tokenizers.Tokenizer` or anything wrapping one (transformers' fast tokenizers, mlx-lm's
+    TokenizerWrapper).
+    """
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer.backend_tokenizer
+    if not isinstance(tok.decoder, decoders.ByteLevel):
+        raise DataError(
+            f"byte-level models need a byte-level BPE tokenizer (GPT-2 style) to know each id's "
+            f"exact bytes; this one decodes with {type(tok.decoder).__name__}"
+        )
+    added = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}
+    byte_of = _byte_of_char()
+    strings = []
+    for i in range(tok.get_vocab_size(with_added_tokens=True)):
+        if i in added:
+            strings.append(added[i].encode("utf-8"))
+        else:
+            token = tok.id_to_token(i) or ""
+            strings.append(bytes(byte_of[c] for c in token))
+    return strings
+
+
+def token_byte_table(tokenizer: Any, slots: int) -> np.ndarray:
+    """(V, slots) int32: each id's bytes, cut to `slots` or right-padded with BYTE_PAD."""
+    strings = token_byte_strings(tokenizer)
+    table = np.full((len(strings), slots), BYTE_PAD, dtype=np.int32)
+    for i, data in enumerate(strings):
+        kept = data[:slots]
+        table[i, : len(kept)] = np.frombuffer(kept, dtype=np.uint8)
+    return table
+
+
+def tokens_longer_than(tokenizer: Any, slots: int) -> int:
+    """How many vocabulary entries have more than `slots` bytes, and lose the rest in the table."""
+    return sum(len(data) > slots for data in token_byte_strings(tokenizer))
 
 
 def _hub_tokenizer(spec: str) -> Path:

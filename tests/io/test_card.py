@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appleslm.config import SFTConfig
-from appleslm.io.export import export_llama
+from appleslm.io.export import export_stock
 from appleslm.io.files import read_provenance
 from appleslm.quant import quantize
 from appleslm.train.sft import sft
@@ -38,7 +38,7 @@ def derived(tmp_path_factory, trained_model_dir) -> dict[str, Path]:
     cfg = SFTConfig(steps=2, batch_size=4, eval_every=2, save_every=2, max_seq_len=64)
     tuned = sft(trained_model_dir, chat, root / "micro-chat", cfg, progress=False).model_dir
     quantized = quantize(trained_model_dir, root / "micro-4bit", bits=4, group_size=32).out_dir
-    exported = export_llama(trained_model_dir, root / "micro-llama")
+    exported = export_stock(trained_model_dir, root / "micro-llama")
     return {"tuned": tuned, "quantized": quantized, "exported": exported}
 
 

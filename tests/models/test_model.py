@@ -15,16 +15,9 @@ from mlx_lm.models.cache import make_prompt_cache
 from appleslm.io.model_dir import load_model, save_model_dir
 from appleslm.models import Model, digit_base, parameter_counts
 from appleslm.models.appleslm import quadratic_bspline
-from tests.helpers import tiny_args
+from tests.helpers import SMALL_GENERATOR, tiny_args
 
-GENERATOR = dict(
-    embedding="leviathan",
-    tie_word_embeddings=False,
-    generator_d_seed=16,
-    generator_heads=2,
-    generator_knots=8,
-    generator_rank=4,
-)
+GENERATOR = dict(SMALL_GENERATOR, tie_word_embeddings=False)
 VARIANTS = {
     "dense": {},
     "gqa-untied": dict(num_key_value_heads=1, tie_word_embeddings=False),
@@ -204,8 +197,21 @@ def test_stock_mlx_lm_generate_cli_runs_our_checkpoint(tiny_model_dir):
         (dict(hidden_size=66), "not divisible by num_attention_heads"),
         (dict(num_key_value_heads=3), "must divide"),
         (dict(embedding="leviathan"), "tie_word_embeddings to false"),
-        (dict(embedding="bytes"), "embedding must be one of"),
+        (dict(embedding="pixels"), "embedding must be one of"),
         (dict(generator_knots=1), "generator_knots"),
+        (dict(head="pixels"), "head must be one of"),
+        (dict(embedding="bytes"), "embedding 'bytes' .* set tie_word_embeddings to false"),
+        (dict(head="bytes"), "head 'bytes' .* set tie_word_embeddings to false"),
+        (dict(num_experts=1), "num_experts must be 0 .* or at least 2"),
+        (dict(num_experts=4, num_experts_per_tok=5), "num_experts_per_tok 5 must be at most"),
+        (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef must be at least 0"),
+        (dict(byte_slots=0), "byte_slots must be at least 1"),
+        (dict(byte_encoder_widths=[0]), "byte_encoder_widths must be a list of positive"),
+        (dict(byte_encoder_ffn=[512]), "byte_encoder_ffn needs one FFN width per byte encoder"),
+        (dict(byte_encoder_heads=3), "byte_encoder_heads 3 must divide"),
+        (dict(byte_head_heads=3), "byte_head_heads 3 must divide byte_head_width 128"),
+        (dict(byte_embedding_mode="exact"), "byte_embedding_mode must be one of"),
+        (dict(byte_head_loss="bits"), "byte_head_loss must be one of"),
     ],
 )
 def test_inconsistent_shapes_fail_clearly(bad, message):
