@@ -59,15 +59,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from appleslm.evaluate.perplexity import evaluate_text
 
     result = evaluate_text(
-        args.model, args.data, seq_len=args.seq_len, trust_remote_code=args.trust_remote_code
+        args.model,
+        args.data,
+        seq_len=args.seq_len,
+        trust_remote_code=args.trust_remote_code,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
     )
     if args.json:
         print(json.dumps(result))
-    else:
-        print(
-            f"loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  "
-            f"over {result['tokens']:,} tokens"
-        )
+        return
+    bpb = f"  bits/byte {result['bpb']:.4f}" if result.get("bpb") is not None else ""
+    print(
+        f"loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}{bpb}  over "
+        f"{result['tokens']:,} tokens ({result['bytes']:,} bytes) of {result['data']}"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -198,6 +205,7 @@ def cmd_density(args: argparse.Namespace) -> None:
         densing=args.densing,
         irreducible=args.irreducible,
         z=args.sigma,
+        metric=args.metric,
     )
     print(json.dumps(report, indent=2) if args.json else format_table(report))
 
@@ -251,11 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a model on a text")
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a text")
     add_model_args(p)
-    p.add_argument("--data", required=True, help="a text file, folder or JSONL")
+    p.add_argument(
+        "--data",
+        help="a text file, folder or JSONL, or 'default' (the bundled corpus); "
+        "default: the held-out split of the data the model was trained on",
+    )
+    p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
     p.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="continue a prompt (greedy unless --temp)")
@@ -384,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --densing, also fit an irreducible loss term e",
     )
     p.add_argument("--sigma", type=float, default=1.0, help="width of reported ranges")
+    p.add_argument(
+        "--metric",
+        choices=["loss", "bpb"],
+        default="loss",
+        help="fit the validation loss (nats/token) or bits per byte, which puts ladders with "
+        "different vocabularies, or byte-level models, on one axis",
+    )
     p.add_argument("--plot", type=Path, default=Path("density.png"), help="PNG to write")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=cmd_density)
