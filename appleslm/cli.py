@@ -77,6 +77,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from appleslm.evaluate.zeroshot import evaluate_tasks, format_table
+
+    report = evaluate_tasks(
+        args.model,
+        args.tasks,
+        data=args.data,
+        limit=args.limit,
+        chat_template=args.chat_template,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_table(report))
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from appleslm.generate import GenerationError, SamplingSettings, generate_text
     from appleslm.io.model_dir import load_model
@@ -272,6 +287,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="zero-shot accuracy on ARC, BoolQ, PIQA, SIQA, HellaSwag, ... (lm-eval's way)",
+    )
+    add_model_args(p)
+    p.add_argument(
+        "--tasks",
+        default="all",
+        help="comma-separated: arc_easy, arc_challenge, boolq, piqa, social_iqa, hellaswag, "
+        "openbookqa, winogrande, lambada_openai, or all (default)",
+    )
+    p.add_argument(
+        "--data",
+        help="a folder of <task>.jsonl files, one task's .jsonl, 'hf' (the Hugging Face "
+        "datasets cache) or 'sanity' (the small sets shipped with appleslm); default: the "
+        "datasets cache where it holds the task, else the shipped set",
+    )
+    p.add_argument("--limit", type=int, help="score only the first N questions of each task")
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="put each question in a user turn of the model's chat template (default: plain text)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="continue a prompt (greedy unless --temp)")
     add_model_args(p)
