@@ -303,7 +303,7 @@ def load_task(name: str, data: str | Path | None = None, limit: int | None = Non
     if data in (None, "auto", "hf"):
         cached = _hf_records(task)
         if cached is not None:
-            return _read(task, cached, limit)
+            return _read(task, cached, limit, strict=False)
         if data == "hf":
             raise TaskDataError(
                 f"{task.hf} is not in the Hugging Face datasets cache (or the `datasets` package "
@@ -333,16 +333,20 @@ def load_task(name: str, data: str | Path | None = None, limit: int | None = Non
 
 
 def _read(
-    task: Task, records: tuple[str, Iterator[tuple[str, Any]]], limit: int | None
+    task: Task,
+    records: tuple[str, Iterator[tuple[str, Any]]],
+    limit: int | None,
+    strict: bool = True,
 ) -> TaskData:
-    """Items from (source, iterator of (where, record)), each record checked against the schema."""
+    """Items from (source, iterator of (where, record)), each record checked against the schema;
+    `strict` refuses fields the schema does not know (a typo in a file, not a dataset's column)."""
     source, rows = records
     items: list[Item] = []
     for where, record in rows:
         if limit is not None and len(items) >= limit:
             break
         try:
-            items.append(_item(task, record))
+            items.append(_item(task, record, strict))
         except _BadRecord as e:
             raise TaskDataError(
                 f"{where}: {e} (a {task.name} record needs {_schema(task)})"
@@ -370,11 +374,12 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             raise TaskDataError(f"{path} line {number}: not valid JSON ({e.msg})") from None
 
 
-def _item(task: Task, record: Any) -> Item:
+def _item(task: Task, record: Any, strict: bool) -> Item:
     if not isinstance(record, dict):
         raise _BadRecord(f"expected a JSON object, got {type(record).__name__}")
     missing = [key for key in task.fields if key not in record]
-    unknown = [key for key in record if key not in task.fields and key not in task.optional]
+    known = {**task.fields, **task.optional}
+    unknown = [key for key in record if key not in known] if strict else []
     if missing or unknown:
         raise _BadRecord(
             "; ".join(
@@ -382,7 +387,7 @@ def _item(task: Task, record: Any) -> Item:
                 + ([f"unknown field {', '.join(map(repr, unknown))}"] if unknown else [])
             )
         )
-    for key, kind in {**task.fields, **task.optional}.items():
+    for key, kind in known.items():
         value = record.get(key)
         if key in record and not _is_json_type(value, kind, lenient_index=key == "label"):
             raise _BadRecord(f"field {key!r} must be a JSON {_json_name(kind)}, not {value!r}")

@@ -4,6 +4,8 @@ errors that name the file, the line and the field."""
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
 
@@ -188,6 +190,34 @@ def test_missing_tasks_files_and_broken_json(tmp_path):
     (tmp_path / "boolq.jsonl").write_text("\n\n")
     with pytest.raises(TaskDataError, match="no boolq records"):
         load_task("boolq", tmp_path)
+
+
+def test_the_datasets_cache_comes_first_when_it_holds_the_task(monkeypatch):
+    """The real tasks come from `datasets.load_dataset` (a fake here: the cache is the edge of
+    this program, and tests never touch it); without them, the shipped set."""
+    rows = [json.loads(line) for line in (SANITY_DIR / "piqa.jsonl").read_text().splitlines()]
+    calls = []
+
+    def cached(path, name, split):
+        calls.append((path, name, split))
+        return [{**rows[0], "a_column_we_do_not_use": 1}, *rows[1:3]]  # read, and ignored
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=cached))
+    data = load_task("piqa")
+    assert calls == [("baber/piqa", None, "validation")] and len(data.items) == 3
+    assert data.source == "baber/piqa (validation split) from the Hugging Face datasets cache"
+    rows[1] = {**rows[1], "label": 7}
+    with pytest.raises(TaskDataError, match=r"cache, row 1: 'label' must be an index from 0"):
+        load_task("piqa", "hf")
+
+    def not_cached(path, name, split):
+        raise FileNotFoundError(f"{path} is not cached and HF_DATASETS_OFFLINE is set")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=not_cached))
+    assert load_task("piqa").source.startswith("sanity set")
+    with pytest.raises(TaskDataError, match="baber/piqa .* is not in the Hugging Face datasets"):
+        load_task("piqa", "hf")
 
 
 def test_the_command_refuses_bad_input_with_exit_2(tiny_model_dir, tmp_path, capsys):
