@@ -55,7 +55,9 @@ class Scorer:
             )
         self.model, self.tokenizer, self.chat_template = model, tokenizer, chat_template
         self.window = window or context_length(model) or DEFAULT_WINDOW
-        self.truncated = 0  # questions whose context lost tokens to the window
+        self.truncated = (
+            0  # contexts that lost tokens to the window (WinoGrande has two a question)
+        )
 
     def prompt(self, context: str) -> str:
         """The context as the model sees it: as it is, or as one user turn of the chat template."""
@@ -132,7 +134,7 @@ class TaskResult:
     metrics: dict[str, float]  # acc, acc_norm, ppl: those lm-eval's task YAML lists
     stderr: dict[str, float | None]  # standard error of each accuracy (lm-eval's mean_stderr)
     items: int
-    truncated: int  # questions whose context was cut to the model's window
+    truncated: int  # contexts cut to the model's window
     seconds: float
     scores: list[list[ContinuationScore]] = field(default_factory=list, repr=False)
     predictions: list[dict[str, int]] = field(default_factory=list, repr=False)
@@ -254,9 +256,7 @@ def format_table(report: ZeroShotReport) -> str:
     ]
     truncated = sum(r.truncated for r in report.results)
     if truncated:
-        lines.append(
-            f"{truncated} questions lost their oldest context tokens to the model's window"
-        )
+        lines.append(f"{truncated} contexts lost their oldest tokens to the model's window")
     template = "with the chat template" if report.chat_template else "no chat template"
     return f"{report.model}: zero-shot, {template}\n" + "\n".join(lines)
 

@@ -175,8 +175,14 @@ def test_winogrande_scores_the_rest_of_the_sentence_after_each_option(tiny):
     assert set(result.metrics) == {"acc"}
 
 
-def test_an_8bit_model_scores_within_tolerance_of_its_float_original(trained_model_dir, tmp_path):
-    q8 = quantize(trained_model_dir, tmp_path / "q8", bits=8, group_size=32).out_dir
+@pytest.fixture(scope="module")
+def q8(trained_model_dir, tmp_path_factory):
+    return quantize(
+        trained_model_dir, tmp_path_factory.mktemp("q") / "q8", bits=8, group_size=32
+    ).out_dir
+
+
+def test_an_8bit_model_scores_within_tolerance_of_its_float_original(trained_model_dir, q8):
     tasks = ["arc_easy", "piqa", "winogrande", "lambada_openai"]
     float_report = evaluate_tasks(trained_model_dir, tasks, data="sanity")
     quant_report = evaluate_tasks(q8, tasks, data="sanity")
@@ -190,10 +196,9 @@ def test_an_8bit_model_scores_within_tolerance_of_its_float_original(trained_mod
             assert abs(q.metrics[name] - value) <= tolerance, (f.task, name)
 
 
-def test_dequantized_scoring_equals_the_quantized_kernels(trained_model_dir, tmp_path):
-    q4 = quantize(trained_model_dir, tmp_path / "q4", bits=4, group_size=32).out_dir
-    kernels, tokenizer = load_model(q4)
-    dequantized, _ = load_for_evaluation(q4)
+def test_dequantized_scoring_equals_the_quantized_kernels(q8):
+    kernels, tokenizer = load_model(q8)
+    dequantized, _ = load_for_evaluation(q8)
     assert (
         "scales" in kernels.layers[0].mlp.up_proj
         and "scales" not in dequantized.layers[0].mlp.up_proj
@@ -238,9 +243,11 @@ def test_every_shipped_task_runs_and_reports_json(tiny_model_dir, capsys):
                 assert f"{metric}_stderr" in row
 
 
-def test_the_table_names_each_task_and_its_source(tiny_model_dir, capsys):
-    args = ["evaluate", str(tiny_model_dir), "--tasks", "boolq,obqa", "--limit", "3"]
+def test_the_table_names_each_task_its_source_and_cut_contexts(trained_model_dir, capsys):
+    args = ["evaluate", str(trained_model_dir), "--tasks", "boolq,obqa", "--limit", "3"]
     assert main([*args, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "no chat template" in out and "boolq" in out and "openbookqa" in out
     assert "±" in out and "sanity set" in out
+    # The micro model's window is 64 tokens: BoolQ's passages do not fit.
+    assert "contexts lost their oldest tokens to the model's window" in out
