@@ -59,15 +59,37 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from appleslm.evaluate.perplexity import evaluate_text
 
     result = evaluate_text(
-        args.model, args.data, seq_len=args.seq_len, trust_remote_code=args.trust_remote_code
+        args.model,
+        args.data,
+        seq_len=args.seq_len,
+        trust_remote_code=args.trust_remote_code,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
     )
     if args.json:
         print(json.dumps(result))
-    else:
-        print(
-            f"loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}  "
-            f"over {result['tokens']:,} tokens"
-        )
+        return
+    bpb = f"  bits/byte {result['bpb']:.4f}" if result.get("bpb") is not None else ""
+    print(
+        f"loss {result['loss']:.4f}  perplexity {result['ppl']:.2f}{bpb}  over "
+        f"{result['tokens']:,} tokens ({result['bytes']:,} bytes) of {result['data']}"
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from appleslm.evaluate.zeroshot import evaluate_tasks, format_table
+
+    report = evaluate_tasks(
+        args.model,
+        args.tasks,
+        data=args.data,
+        limit=args.limit,
+        chat_template=args.chat_template,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_table(report))
 
 
 def sampling_settings(args: argparse.Namespace, defaults=None):
@@ -229,6 +251,7 @@ def cmd_density(args: argparse.Namespace) -> None:
         densing=args.densing,
         irreducible=args.irreducible,
         z=args.sigma,
+        metric=args.metric,
     )
     print(json.dumps(report, indent=2) if args.json else format_table(report))
 
@@ -304,12 +327,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a model on a text")
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a text")
     add_model_args(p)
-    p.add_argument("--data", required=True, help="a text file, folder or JSONL")
+    p.add_argument(
+        "--data",
+        help="a text file, folder or JSONL, or 'default' (the bundled corpus); "
+        "default: the held-out split of the data the model was trained on",
+    )
+    p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
     p.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="zero-shot accuracy on ARC, BoolQ, PIQA, SIQA, HellaSwag, ... (lm-eval's way)",
+    )
+    add_model_args(p)
+    p.add_argument(
+        "--tasks",
+        default="all",
+        help="comma-separated: arc_easy, arc_challenge, boolq, piqa, social_iqa, hellaswag, "
+        "openbookqa, winogrande, lambada_openai, or all (default)",
+    )
+    p.add_argument(
+        "--data",
+        help="a folder of <task>.jsonl files, one task's .jsonl, 'hf' (the Hugging Face "
+        "datasets cache) or 'sanity' (the small sets shipped with appleslm); default: the "
+        "datasets cache where it holds the task, else the shipped set",
+    )
+    p.add_argument("--limit", type=int, help="score only the first N questions of each task")
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="put each question in a user turn of the model's chat template (default: plain text)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
         "generate",
@@ -444,6 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --densing, also fit an irreducible loss term e",
     )
     p.add_argument("--sigma", type=float, default=1.0, help="width of reported ranges")
+    p.add_argument(
+        "--metric",
+        choices=["loss", "bpb"],
+        default="loss",
+        help="fit the validation loss (nats/token) or bits per byte, which puts ladders with "
+        "different vocabularies, or byte-level models, on one axis",
+    )
     p.add_argument("--plot", type=Path, default=Path("density.png"), help="PNG to write")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=cmd_density)

@@ -43,6 +43,12 @@ import numpy as np
 
 from appleslm.errors import AppleslmError
 
+# What a ladder can be fitted on (`--metric`): the provenance's `quality.<name>`, for people.
+# Bits per UTF-8 byte put models with different tokenizers (and byte-level ones) on one axis.
+METRICS = {
+    "loss": "final validation loss (nats/token)",
+    "bpb": "final validation bits per UTF-8 byte",
+}
 MIN_LADDER_POINTS = 4  # three parameters plus at least one degree of freedom for an error estimate
 # Power-law exponents searched; language-model scaling sits around 0.05-0.5.
 _ALPHA_GRID = np.geomspace(1e-3, 5.0, 400)
@@ -535,7 +541,7 @@ class RunResult:
     name: str
     variant: str
     params: dict[str, int]
-    loss: float
+    loss: float  # the fitted measure: validation loss, or bits per byte with metric "bpb"
     tokens: int | None = None
     path: str | None = None
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -558,8 +564,11 @@ def _find_metadata(path: Path) -> Path:
     )
 
 
-def load_run(path: str | PathLike[str]) -> RunResult:
-    """A run's result from its provenance (`RUN/model/appleslm.json` or `MODEL/appleslm.json`)."""
+def load_run(path: str | PathLike[str], metric: str = "loss") -> RunResult:
+    """A run's result from its provenance (`RUN/model/appleslm.json` or `MODEL/appleslm.json`):
+    its `quality.loss`, or with `metric="bpb"` its `quality.bpb`."""
+    if metric not in METRICS:
+        raise DensityError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     from appleslm.io.files import ModelDirError, read_provenance
 
     path = Path(path)
@@ -573,6 +582,12 @@ def load_run(path: str | PathLike[str]) -> RunResult:
     quality = provenance.quality
     if quality is None or not math.isfinite(quality.loss):
         raise DensityError(f"{meta_path}: no finite validation loss (has the run finished?)")
+    value = quality.loss if metric == "loss" else quality.bpb
+    if value is None or not math.isfinite(value):
+        raise DensityError(
+            f"{meta_path}: no bits per byte (quality.bpb); runs record it at the end of "
+            "pretraining, so retrain this one or fit on the loss (--metric loss)"
+        )
     # Name a run after its run dir, not after the "model" folder inside it.
     folder = meta_path.parent
     default_name = folder.parent.name if folder.name == "model" else folder.name
@@ -581,16 +596,18 @@ def load_run(path: str | PathLike[str]) -> RunResult:
         name=provenance.name or default_name,
         variant=provenance.variant,
         params={k: int(v) for k, v in provenance.params.items() if isinstance(v, int | float)},
-        loss=float(quality.loss),
+        loss=float(value),
         tokens=pretraining.tokens if pretraining is not None else None,
         path=str(path),
         meta=provenance.to_dict(),
     )
 
 
-def load_runs(run_dirs: Sequence[str | PathLike[str] | RunResult]) -> list[RunResult]:
+def load_runs(
+    run_dirs: Sequence[str | PathLike[str] | RunResult], metric: str = "loss"
+) -> list[RunResult]:
     """Load every run; RunResult objects pass through, so callers can mix disk and memory."""
-    return [r if isinstance(r, RunResult) else load_run(r) for r in run_dirs]
+    return [r if isinstance(r, RunResult) else load_run(r, metric) for r in run_dirs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -648,18 +665,20 @@ def density_report(
     densing: bool = False,
     irreducible: bool = False,
     z: float = 1.0,
+    metric: str = "loss",
 ) -> dict[str, Any]:
     """Fit the dense ladder and place every run on it.
 
     The ladder is every run with `variant == ladder_variant` unless `ladder` names the runs (or is a
     predicate). `densing=True` fits L = a*N^-alpha + b*D^-beta (+ e with `irreducible`) and reads
     each run's N_eff at its own tokens_seen. Ladder runs are reported too: their density should be
-    ~1, a check on the fit. `z` sets the width of the reported ranges (1 = one sigma). Raises
-    DensityError when the fit is ill-posed or a run's loss is below the fitted floor.
+    ~1, a check on the fit. `z` sets the width of the reported ranges (1 = one sigma). `metric`
+    "bpb" fits bits per byte instead of the loss (rows then carry "bpb" where they carry "loss").
+    Raises DensityError when the fit is ill-posed or a run's loss is below the fitted floor.
     """
     if not (z > 0 and math.isfinite(z)):
         raise DensityError(f"the width of the reported ranges (--sigma) must be > 0, got {z}")
-    runs = load_runs(run_dirs)
+    runs = load_runs(run_dirs, metric)
     if not runs:
         raise DensityError("no runs given")
     in_ladder = _select_ladder(runs, ladder, ladder_variant)
@@ -723,7 +742,7 @@ def density_report(
                 "ladder": is_ladder,
                 "params": n,
                 "tokens": run.tokens,
-                "loss": run.loss,
+                metric: run.loss,
                 "effective_params": _finite(value),
                 "effective_params_lo": _finite(lo),
                 "effective_params_hi": _finite(hi),
@@ -736,6 +755,7 @@ def density_report(
         )
 
     report: dict[str, Any] = {
+        "metric": metric,
         "params_key": params_key,
         "interval_sigma": z,
         "fit": {**_fit_summary(fit), "ladder": [r.name for r in ladder_runs]},
@@ -772,7 +792,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"  {terms}   rms residual {fit['residual_rms']:.3g}",
         "",
     ]
-    header = ["name", "variant", "params", "loss", f"N_eff [±{sigma:g}σ]", "density"]
+    metric = report.get("metric", "loss")
+    header = ["name", "variant", "params", metric, f"N_eff [±{sigma:g}σ]", "density"]
     table = [header]
     for row in report["runs"]:
         rng = f"[{_human(row['effective_params_lo'])}, {_human(row['effective_params_hi'])}]"
@@ -782,7 +803,7 @@ def format_table(report: dict[str, Any]) -> str:
                 row["name"] + (" *" if row["ladder"] else ""),
                 row["variant"],
                 _human(row["params"]),
-                f"{row['loss']:.4f}",
+                f"{row[metric]:.4f}",
                 f"{_human(row['effective_params'])} {rng}",
                 "-" if density is None else f"{density:.2f}x",
             ]
@@ -807,6 +828,7 @@ def write_plot(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    metric = report.get("metric", "loss")
     fig = Figure(figsize=(7.5, 5.0), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -830,7 +852,7 @@ def write_plot(
             ax.fill_between(grid, curve - band, curve + band, color="black", alpha=0.12, lw=0)
         ax.scatter(
             [r["params"] for r in ladder],
-            [r["loss"] for r in ladder],
+            [r[metric] for r in ladder],
             color="black",
             zorder=3,
             label="dense ladder",
@@ -844,7 +866,7 @@ def write_plot(
                 grid, fit.predict(grid, d), color=color, lw=1.0, label=f"fit at D = {_human(d)}"
             )
             pts = [r for r in ladder if r["tokens"] == d]
-            ax.scatter([r["params"] for r in pts], [r["loss"] for r in pts], color=color, zorder=3)
+            ax.scatter([r["params"] for r in pts], [r[metric] for r in pts], color=color, zorder=3)
         # Each run is read off the curve at its own D; draw those that are not a ladder's D.
         for d in sorted({r["tokens"] for r in others} - set(tokens)):
             ax.plot(
@@ -862,7 +884,7 @@ def write_plot(
         pts = [r for r in others if r["variant"] == variant]
         ax.scatter(
             [r["params"] for r in pts],
-            [r["loss"] for r in pts],
+            [r[metric] for r in pts],
             marker=markers[k % len(markers)],
             s=60,
             zorder=4,
@@ -873,7 +895,7 @@ def write_plot(
                 # Horizontal line: same loss, the dense size that would reach it.
                 ax.plot(
                     [r["params"], r["effective_params"]],
-                    [r["loss"], r["loss"]],
+                    [r[metric], r[metric]],
                     ls="--",
                     lw=0.8,
                     color="gray",
@@ -882,7 +904,7 @@ def write_plot(
             density = "-" if r["density"] is None else f"{r['density']:.2f}x"
             ax.annotate(
                 f"{r['name']} {density}",
-                (r["params"], r["loss"]),
+                (r["params"], r[metric]),
                 textcoords="offset points",
                 xytext=(6, 6),
                 fontsize=8,
@@ -895,7 +917,7 @@ def write_plot(
         ax.set_ylim(ylim)
     ax.set_xscale("log")
     ax.set_xlabel(f"parameters ({report['params_key']})")
-    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_ylabel(METRICS[metric])
     ax.set_title("Effective size against the dense ladder")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)

@@ -9,6 +9,7 @@ AutoTokenizer) loads from a model directory.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -36,6 +37,8 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 BYTE_PAD = 256  # the models' byte symbols: the 256 byte values, then the pad (models.appleslm)
 _NO_MAX_LENGTH = int(1e30)  # transformers' own "no limit" value (VERY_LARGE_INTEGER)
+METASPACE = "\u2581"  # SentencePiece's stand-in for a space ("▁")
+BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's one-byte pieces
 
 
 def train_tokenizer(docs: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
@@ -168,6 +171,40 @@ def token_byte_table(tokenizer: Any, slots: int) -> np.ndarray:
 def tokens_longer_than(tokenizer: Any, slots: int) -> int:
     """How many vocabulary entries have more than `slots` bytes, and lose the rest in the table."""
     return sum(len(data) > slots for data in token_byte_strings(tokenizer))
+
+
+def token_byte_lengths(tokenizer: Any) -> np.ndarray:
+    """How many UTF-8 bytes of text each token id stands for, in id order (int64).
+
+    Byte-level BPE (GPT-2 style: ours, SmolLM2 and other GGUF "gpt2" vocabularies, Llama 3):
+    every character of a vocabulary entry stands for one byte, so the count is exact, also for an
+    id that holds only part of a multi-byte character. SentencePiece (GGUF "llama": "▁" for a
+    space, "<0xNN>" byte fallback): "▁" counts as the space it stands for, so the space such a
+    tokenizer prepends to each text counts too (one byte per encoded text more than it has).
+
+    Special tokens count 0: they are markup that the data pipeline or chat template inserts
+    (document ends, turn markers), not text, and their spellings differ between tokenizers
+    ("<|endoftext|>", "</s>"), which would make bits per byte depend on the tokenizer, the one
+    thing it must not. Added tokens that are not special stand for their literal text.
+    Takes a `tokenizers.Tokenizer` or anything wrapping one (transformers' fast tokenizers,
+    mlx-lm's TokenizerWrapper).
+    """
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer.backend_tokenizer
+    byte_level = isinstance(tok.decoder, decoders.ByteLevel)
+    added = tok.get_added_tokens_decoder()
+    lengths = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for i in range(len(lengths)):
+        if i in added:
+            lengths[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+            continue
+        piece = tok.id_to_token(i) or ""
+        if byte_level:
+            lengths[i] = len(piece)
+        elif BYTE_FALLBACK.fullmatch(piece):
+            lengths[i] = 1
+        else:
+            lengths[i] = len(piece.replace(METASPACE, " ").encode("utf-8"))
+    return lengths
 
 
 def _hub_tokenizer(spec: str) -> Path:
