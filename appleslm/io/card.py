@@ -42,8 +42,12 @@ ARCH_KEYS = [  # (config key, label), shown when present
 ]
 PARAM_KEYS = [
     ("params_total", "total"),
+    ("params_active", "active per token (mixture of experts)"),
     ("params_embedding", "embedding"),
     ("params_non_embedding", "non-embedding"),
+    ("params_generator", "Leviathan generator"),
+    ("params_byte_embedder", "byte embedder"),
+    ("params_byte_head", "byte head"),
     ("layers_unique", "unique blocks"),
     ("layers_executed", "layers executed"),
 ]
@@ -106,6 +110,10 @@ def card_tags(config: dict[str, Any]) -> list[str]:
         tags.append(str(config["model_type"]))
     if config.get("embedding") == "leviathan":
         tags.append("leviathan")
+    if "bytes" in (config.get("embedding"), config.get("head")):
+        tags.append("byte-level")
+    if config.get("num_experts"):
+        tags.append("mixture-of-experts")
     if int(config.get("layer_repeat") or 1) > 1:
         tags.append("mobilellm-ls")
     quant = config.get("quantization")
@@ -142,6 +150,23 @@ def description(config: dict[str, Any], provenance: Provenance) -> str:
             "Leviathan embedding: token vectors come from a small generator over the "
             "digits of the token id instead of a lookup table."
         )
+    if config.get("embedding") == "bytes":
+        lines.append(
+            "Byte-level input (STLM): each token's vector is pooled from its UTF-8 bytes by a "
+            "small byte transformer instead of a lookup table."
+        )
+    if config.get("head") == "bytes":
+        lines.append(
+            "Byte-level head (STLM): the bytes of the next token are predicted in parallel and "
+            "scored as ordinary logits over the vocabulary."
+        )
+    if config.get("share_ffn"):
+        lines.append("One feed-forward network is shared by every block (STLM, MobiLlama).")
+    if config.get("num_experts"):
+        lines.append(
+            f"Sparse mixture of experts (Mixtral): {config['num_experts']} experts per block, "
+            f"{config.get('num_experts_per_tok', 2)} chosen per token."
+        )
     if is_public_name(provenance.base_model):
         lines.append(f"Made from `{provenance.base_model}`.")
     imported = provenance.imported_from or {}
@@ -166,7 +191,12 @@ def architecture_section(config: dict[str, Any]) -> str:
 
 
 def parameters_section(params: dict[str, Any]) -> str:
-    rows = [(label, count(params[key])) for key, label in PARAM_KEYS if params.get(key) is not None]
+    shown = {
+        k: v
+        for k, v in params.items()
+        if not (k == "params_active" and v == params.get("params_total"))
+    }  # a dense model's active count is its total: no news
+    rows = [(label, count(shown[key])) for key, label in PARAM_KEYS if shown.get(key) is not None]
     return "## Parameters\n\n" + table(("", "count"), rows) if rows else ""
 
 

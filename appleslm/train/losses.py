@@ -17,8 +17,8 @@ Batch = dict[str, mx.array]
 
 
 def computes_embeddings(model: nn.Module) -> bool:
-    """Whether the model's input vectors come from a network (Leviathan's generator), which
-    training then runs once per distinct id of a batch instead of once per position."""
+    """Whether the model's input vectors come from a network (Leviathan's generator, STLM's byte
+    encoder), which training then runs once per distinct id of a batch, not once per position."""
     return getattr(getattr(model, "args", None), "embedding", "table") != "table"
 
 
@@ -42,13 +42,51 @@ def to_mx(batch: dict[str, np.ndarray]) -> Batch:
     return {name: mx.array(value) for name, value in batch.items()}
 
 
-def token_loss(model: nn.Module, batch: Batch) -> tuple[mx.array, mx.array]:
-    """(summed next-token cross-entropy, number of predicted tokens), over `mask` if given."""
-    embeddings = None
-    if "unique_ids" in batch:
-        embeddings = model.embed_unique(batch["unique_ids"], batch["inverse"])
-    logits = model(batch["inputs"], input_embeddings=embeddings)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), batch["targets"], reduction="none")
+# ModelArgs' coefficient for each raw auxiliary term `Model.features` returns.
+AUX_COEFFICIENTS = {"router_balance": "router_aux_loss_coef", "router_z": "router_z_loss_coef"}
+
+
+def input_embeddings(model: nn.Module, batch: Batch) -> mx.array | None:
+    if "unique_ids" not in batch:
+        return None
+    return model.embed_unique(batch["unique_ids"], batch["inverse"])
+
+
+def masked_sums(losses: mx.array, batch: Batch) -> tuple[mx.array, mx.array]:
+    """(sum, count) of per-position losses over the batch's mask (every position without one)."""
     if "mask" in batch:
-        return (ce * batch["mask"]).sum(), batch["mask"].sum()
-    return ce.sum(), mx.array(ce.size, dtype=mx.float32)
+        return (losses * batch["mask"]).sum(), batch["mask"].sum()
+    return losses.sum(), mx.array(losses.size, dtype=mx.float32)
+
+
+def token_loss(model: nn.Module, batch: Batch) -> tuple[mx.array, mx.array]:
+    """(summed next-token cross-entropy, number of predicted tokens) of any mlx-lm model, over
+    `mask` if given: what validation measures, whatever the model trains on."""
+    logits = model(batch["inputs"], input_embeddings=input_embeddings(model, batch))
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), batch["targets"], reduction="none")
+    return masked_sums(ce, batch)
+
+
+def training_loss(model: nn.Module, batch: Batch) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
+    """(summed training loss, number of predicted tokens, raw auxiliary terms) of our family.
+
+    The per-token loss is the model's own (`token_losses`: cross-entropy, or STLM's per-slot
+    loss for a byte head trained `faithful`), plus each MoE auxiliary term times its
+    coefficient, counted once per predicted token so that sums over micro-batches and ranks
+    weigh it as the loop weighs the cross-entropy.
+    """
+    from appleslm.models import token_losses
+
+    h, aux = model.features(batch["inputs"], input_embeddings=input_embeddings(model, batch))
+    total, count = masked_sums(token_losses(model, h, batch["targets"]), batch)
+    for name, value in aux.items():
+        total = total + count * getattr(model.args, AUX_COEFFICIENTS[name]) * value
+    return total, count, aux
+
+
+def loss_for(model: nn.Module):
+    """The training loss for `model`: ours has features and aux terms, any other mlx-lm model
+    (a GGUF import being fine-tuned) the plain cross-entropy."""
+    if hasattr(model, "features"):
+        return training_loss
+    return lambda model, batch: (*token_loss(model, batch), {})

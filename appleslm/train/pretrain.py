@@ -22,8 +22,8 @@ from appleslm.data.corpus import describe_source
 from appleslm.data.tokenizer import save_tokenizer
 from appleslm.io.files import DataRecord, Provenance, Quality, TrainingRecord
 from appleslm.io.model_dir import save_model_dir
-from appleslm.models import Model, parameter_counts
-from appleslm.train.losses import model_batch, token_loss
+from appleslm.models import Model, build_model, parameter_counts
+from appleslm.train.losses import model_batch, token_loss, training_loss
 from appleslm.train.trainer import RunSummary, StepBatch, Trainer, TrainResult, safe_exp
 
 
@@ -31,7 +31,8 @@ class Pretraining:
     kind = "pretraining"
     eval_label = "validation loss"
     evaluate_first = False
-    loss = staticmethod(token_loss)
+    train_loss = staticmethod(training_loss)
+    eval_loss = staticmethod(token_loss)
 
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -63,7 +64,7 @@ class Pretraining:
         sync()
         if rank != 0:
             self.data = prepare_data(cfg.data, cfg.model.vocab_size)
-        self.model = Model(cfg.model)
+        self.model = build_model(cfg.model, self.data.tokenizer, log=log)
         self.micro_batch = tc.batch_size // (world * tc.grad_accum)
         self.batches = PackedBatches(
             self.data.train,
@@ -171,12 +172,19 @@ class Pretraining:
 
 
 def variant_name(cfg: RunConfig) -> str:
-    """A short label for density plots: which of the papers' ideas this run uses."""
+    """A short label for density plots: which of the papers' ideas this run uses ("dense" for
+    none of them)."""
     m = cfg.model
-    parts = ["leviathan" if m.embedding == "leviathan" else "dense"]
+    parts = {"table": [], "leviathan": ["leviathan"], "bytes": ["bytes-in"]}[m.embedding]
+    if m.head == "bytes":
+        parts.append("bytes-out")
+    if m.num_experts:
+        parts.append(f"moe{m.num_experts}")
+    if m.share_ffn:
+        parts.append("share-ffn")
     if m.layer_repeat > 1:
         parts.append(f"ls{m.layer_repeat}")
-    return "-".join(parts)
+    return "-".join(parts) or "dense"
 
 
 def train(

@@ -22,6 +22,7 @@ from typing import Any
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from appleslm.blas import hardware
 from appleslm.config import LoopConfig, SFTConfig
@@ -49,7 +50,7 @@ from appleslm.io.model_dir import (
     save_model_dir,
 )
 from appleslm.models import context_length
-from appleslm.train.losses import model_batch, to_mx, token_loss
+from appleslm.train.losses import loss_for, model_batch, to_mx, token_loss
 from appleslm.train.trainer import (
     RunSummary,
     StepBatch,
@@ -62,20 +63,30 @@ from appleslm.train.trainer import (
 LOOP_FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
 
 
+def adaptable(module: nn.Module) -> list[str]:
+    """Paths of the linear layers (MoE experts included) inside `module`, the router left out:
+    it only chooses experts, and adapting it would reshuffle what the experts learned."""
+    kinds = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
+    return [
+        path
+        for path, sub in module.named_modules()
+        if isinstance(sub, kinds) and not path.endswith("router")
+    ]
+
+
 def lora_keys(model: nn.Module, embeddings: bool) -> set[str]:
-    """What to adapt: every linear layer inside a block (by its path within the block) and,
-    with `embeddings`, the top-level input embedding and output head.
+    """What to adapt: every linear layer inside a block (by its path within the block), a FFN
+    shared by all blocks (by its path from the model) and, with `embeddings`, the top-level input
+    embedding and output head.
 
     The embeddings matter for a model pretrained here: `<|im_start|>` and `<|im_end|>` never
     occurred in its pretraining text, so their rows are still at initialisation, and without an
     adapter on the (tied) table the model can hardly learn to emit `<|im_end|>`.
     """
-    keys = {
-        path
-        for block in model.layers
-        for path, module in block.named_modules()
-        if isinstance(module, (nn.Linear, nn.QuantizedLinear))
-    }
+    keys = {path for block in model.layers for path in adaptable(block)}
+    shared = getattr(model, "shared_mlp", None)
+    if shared is not None:
+        keys |= {f"shared_mlp.{path}" for path in adaptable(shared)}
     if embeddings:
         top = dict(model.children())
         keys |= {
@@ -131,7 +142,7 @@ class ChatTuning:
     kind = "fine-tuning"
     eval_label = "held-out assistant-token loss"
     evaluate_first = True
-    loss = staticmethod(token_loss)
+    eval_loss = staticmethod(token_loss)
 
     def __init__(
         self,
@@ -188,6 +199,7 @@ class ChatTuning:
         )
         if cfg.lora:
             add_lora(self.model, cfg)
+        self.train_loss = loss_for(self.model)
         self.per_rank = cfg.batch_size // world
 
     def describe(self) -> str:

@@ -143,8 +143,14 @@ class Task(Protocol):
 
     def has_validation(self) -> bool: ...
 
-    def loss(self, model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
-        """(summed loss, number of predicted tokens): differentiable, compiled by the loop."""
+    def train_loss(
+        self, model: nn.Module, batch: dict[str, mx.array]
+    ) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
+        """(summed loss, number of predicted tokens, raw auxiliary terms to log): what the loop
+        differentiates (compiled)."""
+
+    def eval_loss(self, model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
+        """(summed loss, number of predicted tokens) that validation reports."""
 
     def state_dict(self) -> dict[str, Any]:
         """What an exact resume needs beyond the weights (e.g. the data stream's position)."""
@@ -222,12 +228,19 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.step, self.tokens_seen, self.seconds = 0, 0, 0.0
         self.val_loss_before: float | None = None
+        self.aux: dict[str, float] = {}  # the last step's auxiliary terms (MoE), for the metrics
         self.already_done = self.check_run_dir(resume)
         if self.already_done:
             return
         mx.random.seed(cfg.seed)  # model initialisation and LoRA adapters
         task.setup(self.rank, self.world, self.barrier, self.log)
         if cfg.dtype == "bfloat16":
+            if getattr(self.model.args, "num_experts", 0) and not mx.metal.is_available():
+                raise TrainingError(
+                    "dtype bfloat16 with a mixture of experts needs a Mac's GPU: MLX's CPU "
+                    "gather_mm, which the experts use, multiplies float32 only; train it in "
+                    "float32 here"
+                )
             self.model.set_dtype(mx.bfloat16)
         self.optimizer = build_optimizer(cfg)
         self.optimizer.init(self.model.trainable_parameters())
@@ -306,12 +319,12 @@ class Trainer:
 
     def build_steps(self):
         model, optimizer, cfg, group = self.model, self.optimizer, self.cfg, self.group
-        loss_and_grad = nn.value_and_grad(model, self.task.loss)
+        loss_and_grad = nn.value_and_grad(model, self.task.train_loss)
         state = [model.state, optimizer.state]
 
         def compute_grads(batch):
-            (total, count), grads = loss_and_grad(model, batch)
-            return total, count, grads
+            (total, count, aux), grads = loss_and_grad(model, batch)
+            return total, count, aux, grads
 
         def clip(grads, scale):
             # The gradient of the summed loss, over every rank, times world / tokens: the
@@ -324,7 +337,7 @@ class Trainer:
             optimizer.update(model, grads)
 
         def eval_sums(batch):
-            return self.task.loss(model, batch)
+            return self.task.eval_loss(model, batch)
 
         if not cfg.compile:
             return compute_grads, clip, update, eval_sums
@@ -347,19 +360,23 @@ class Trainer:
         return [summed[i] for i in range(len(values))]
 
     def gradients(self, batch: StepBatch) -> tuple[float, float, Any]:
-        """(mean loss, gradient norm, clipped gradients) of a batch at the current weights."""
+        """(mean loss, gradient norm, clipped gradients) of a batch at the current weights; the
+        auxiliary terms' means over the step land in `self.aux` for the metrics."""
         # Any randomness inside a step then depends only on (seed, step): resume stays exact.
         mx.random.seed(self.cfg.seed * 1_000_003 + self.step)
-        total = count = grads = None
+        total = count = grads = aux = None
         for micro in batch.micro:
-            t, c, g = self.compute_grads(to_mx(micro))
+            t, c, a, g = self.compute_grads(to_mx(micro))
             total = t if total is None else total + t
             count = c if count is None else count + c
+            aux = a if aux is None else tree_map(mx.add, aux, a)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-        total, count = self.all_sum(total, count)
+        total, count, *terms = self.all_sum(total, count, *aux.values())
         grads, norm = self.clip(grads, self.world / count)
         loss = total / count
-        mx.eval(loss, norm, grads)
+        mx.eval(loss, norm, grads, terms)
+        parts = len(batch.micro) * self.world
+        self.aux = {name: value.item() / parts for name, value in zip(aux, terms)}
         return loss.item(), norm.item(), grads
 
     def train_step(self, batch: StepBatch) -> tuple[float, float]:
@@ -514,7 +531,7 @@ class Trainer:
                     record = train_record(
                         self.step, loss, norm, lr, self.tokens_seen, window_tokens, elapsed
                     )
-                    self.record(record)
+                    self.record(record | self.aux)
                     bar.set_postfix(
                         loss=f"{loss:.3f}",
                         tok_s=f"{record['tok_per_s']:.0f}",
