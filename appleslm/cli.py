@@ -59,7 +59,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from appleslm.evaluate.perplexity import evaluate_text
 
     result = evaluate_text(
-        args.model,
+        model_choice(args),
         args.data,
         seq_len=args.seq_len,
         trust_remote_code=args.trust_remote_code,
@@ -105,15 +105,28 @@ def sampling_settings(args: argparse.Namespace, defaults=None):
         raise GenerationError(str(e)) from None
 
 
+def model_choice(args: argparse.Namespace):
+    """MODEL and its flags (`--proxy`, `--alpha`, `--draft`, `--draft-tokens`) as a ModelChoice."""
+    from appleslm.generate import ModelChoice
+
+    return ModelChoice(
+        args.model,
+        proxy=tuple(args.proxy) if args.proxy else None,
+        alpha=1.0 if args.alpha is None else args.alpha,
+        draft=getattr(args, "draft", None),
+        draft_tokens=getattr(args, "draft_tokens", 3),
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    from appleslm.generate import ChatSession, GenerationError
-    from appleslm.io.model_dir import load_model
+    from appleslm.generate import ChatSession, GenerationError, load_choice
 
     settings = sampling_settings(args)
     if not args.prompt.strip():
         raise GenerationError("--prompt is empty: give the text to answer or continue")
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    session = ChatSession(model, tokenizer, chat_template=not args.no_chat_template)
+    choice = model_choice(args)
+    model, tokenizer, draft = load_choice(choice, trust_remote_code=args.trust_remote_code)
+    session = ChatSession(model, tokenizer, chat_template=not args.no_chat_template, draft=draft)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     print("=" * 10)
@@ -125,6 +138,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(
         f"Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.3f} tokens-per-sec"
     )
+    if stats.acceptance is not None:
+        print(
+            f"Draft: {stats.draft_tokens} of {stats.generation_tokens} tokens accepted "
+            f"({stats.acceptance:.1%}), {draft.tokens} drafted a step"
+        )
     print(f"Peak memory: {stats.peak_memory:.3f} GB")
     if stats.generation_tokens <= 1 and stats.finish_reason == "stop":
         mode = "its chat template" if session.chat_mode else "raw completion"
@@ -176,15 +194,45 @@ def cmd_chat_data(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from appleslm.generate import GenerationError
     from appleslm_tui.app import CHAT_DEFAULTS, run_chat
 
     settings = sampling_settings(args, CHAT_DEFAULTS)
+    if args.model is None and (args.proxy or args.alpha is not None or args.draft):
+        raise GenerationError("--proxy and --draft need a MODEL to apply to")
     run_chat(
-        args.model,
+        None if args.model is None else model_choice(args),
         system_prompt=args.system,
         settings=settings,
         trust_remote_code=args.trust_remote_code,
     )
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from appleslm.io.merge import merge
+
+    result = merge(
+        args.models,
+        args.out,
+        config=args.config,
+        weights=args.weights,
+        last=args.last,
+        greedy=args.greedy,
+        eval_data=args.eval_data,
+        max_eval_tokens=args.max_tokens,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    kept = len(result.chosen)
+    print(
+        f"merged {kept} of {len(result.ingredients)} models ({result.method}) into "
+        f"{result.out_dir}"
+        + ("" if result.loss is None else f": {result.eval_label} {result.loss:.4f}")
+    )
+    print(f"try: {hint('chat', result.out_dir)}")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -289,6 +337,28 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens_default: int | None
     p.add_argument("--seed", type=int, help="random seed for sampling")
 
 
+def add_proxy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--proxy",
+        nargs=2,
+        metavar=("EXPERT", "ANTIEXPERT"),
+        help="proxy-tune: next-token logits = model + alpha * (expert - anti-expert); both share "
+        "the model's vocabulary",
+    )
+    p.add_argument("--alpha", type=float, help="proxy-tuning strength (default 1)")
+
+
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--draft",
+        metavar="DRAFT",
+        help="a small model with the same vocabulary: speculative decoding (mlx-lm's)",
+    )
+    p.add_argument(
+        "--draft-tokens", type=int, default=3, help="tokens the draft proposes a step (default 3)"
+    )
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model directory or a Hugging Face Hub repo id")
     p.add_argument(
@@ -337,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
     p.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    add_proxy_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -380,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="raw completion of the prompt even when the model has a chat template",
     )
+    add_proxy_args(p)
+    add_draft_args(p)
     add_sampling_args(p, max_tokens_default=256)
     p.set_defaults(func=cmd_generate)
 
@@ -432,8 +505,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow running a third-party model's own architecture code",
     )
     p.add_argument("--system", default="", help="system prompt for new conversations")
+    add_proxy_args(p)
+    add_draft_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "merge",
+        help="average models of one architecture: uniform/weighted/greedy soup, last checkpoints",
+    )
+    p.add_argument(
+        "models",
+        nargs="*",
+        help="model directories or Hub repo ids; with --last, one training run directory",
+    )
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight a model (normalised)")
+    p.add_argument("--last", type=int, metavar="K", help="average a run's last K checkpoints")
+    p.add_argument("--config", help="a mergekit-style YAML (models, merge_method, dtype)")
+    p.add_argument(
+        "--greedy",
+        action="store_true",
+        help="greedy soup: add models best first, keep each only if --eval-data's loss holds",
+    )
+    p.add_argument(
+        "--eval-data",
+        help="held-out data: chat JSONL (or a folder with valid.jsonl) or text; every model "
+        "and the merge are measured on it",
+    )
+    p.add_argument("--max-tokens", type=int, help="measure on at most this many text tokens")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("quantize", help="MLX affine quantization with a perplexity report")
     add_model_args(p)

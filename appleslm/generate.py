@@ -1,14 +1,17 @@
 """Generation, thin over mlx-lm: sampling settings, a multi-turn chat session with a reused KV
-cache, live statistics, and a plain text stream for the CLI.
+cache, live statistics, and a plain text stream for the CLI; a draft model for speculative
+decoding and the proxy-tuned composite of three models.
 
 Everything that decides tokens is mlx-lm's (`stream_generate`, `make_sampler`,
-`make_logits_processors`, `make_prompt_cache`, `trim_prompt_cache`); this module only chooses
-what to feed it. The chat UI (`tui/`) and `appleslm generate` both sit on top of it.
+`make_logits_processors`, `make_prompt_cache`, `trim_prompt_cache`, speculative decoding through
+`stream_generate(draft_model=...)`); this module only chooses what to feed it. The chat UI
+(`tui/`), `appleslm generate` and `appleslm eval --proxy` all sit on top of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -41,6 +45,10 @@ class PromptTooLongError(GenerationError):
 
 class OutOfMemoryError(GenerationError):
     """MLX could not allocate memory for the prompt or the reply."""
+
+
+class VocabularyError(GenerationError):
+    """Models that must share a vocabulary (a draft, proxy-tuning's three) do not."""
 
 
 class _Stopped(Exception):
@@ -112,6 +120,8 @@ class Stats:
     `ttft` is the wall time from the request to the first token (rendering, tokenizing and
     prefill); `prompt_tokens` counts only the tokens that were actually prefilled, while
     `cached_tokens` were reused from the previous turn's KV cache. `peak_memory` is in GB.
+    With a draft model, `draft_tokens` counts the generated tokens the draft proposed and the
+    model accepted (mlx-lm's `from_draft`); None without one.
     """
 
     ttft: float = 0.0
@@ -122,10 +132,23 @@ class Stats:
     generation_tps: float = 0.0
     peak_memory: float = 0.0
     finish_reason: str | None = None
+    draft_tokens: int | None = None
+
+    @property
+    def acceptance(self) -> float | None:
+        """The share of the generated tokens that came from the draft, or None without one."""
+        if self.draft_tokens is None or not self.generation_tokens:
+            return None
+        return self.draft_tokens / self.generation_tokens
 
     @classmethod
     def from_response(
-        cls, response: GenerationResponse, *, ttft: float, cached_tokens: int = 0
+        cls,
+        response: GenerationResponse,
+        *,
+        ttft: float,
+        cached_tokens: int = 0,
+        draft_tokens: int | None = None,
     ) -> Stats:
         return cls(
             ttft=ttft,
@@ -136,6 +159,7 @@ class Stats:
             generation_tps=response.generation_tps,
             peak_memory=response.peak_memory,
             finish_reason=response.finish_reason,
+            draft_tokens=draft_tokens,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,9 +172,10 @@ class Stats:
 
     def summary(self) -> str:
         """One line for a footer or a log: the same figures mlx-lm's chat prints."""
+        drafted = f" · draft {self.acceptance:.0%}" if self.acceptance is not None else ""
         return (
             f"TTFT {self.ttft:.2f}s · prompt {self.prompt_tps:.1f} tok/s · "
-            f"gen {self.generation_tps:.1f} tok/s · {self.generation_tokens} tok · "
+            f"gen {self.generation_tps:.1f} tok/s{drafted} · {self.generation_tokens} tok · "
             f"peak {self.peak_memory:.2f} GB"
         )
 
@@ -173,12 +198,15 @@ def stream_tokens(
     max_tokens: int | None = None,
     prompt_cache: list[Any] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    draft: Draft | None = None,
 ) -> Iterator[GenerationResponse]:
     """mlx-lm's `stream_generate` with `settings` applied, a stop check and clear errors.
 
     `should_stop` is polled between prefill steps and between tokens; when it answers True the
-    stream ends (a prompt still being prefilled is abandoned, a reply keeps what it has).
-    Peak memory is reset first, so `peak_memory` describes this reply alone.
+    stream ends (a prompt still being prefilled is abandoned, a reply keeps what it has). With
+    a `draft`, mlx-lm decodes speculatively (and, by its design, reports no prefill progress,
+    so a stop waits for the prefill to end). Peak memory is reset first, so `peak_memory`
+    describes this reply alone.
     """
     stop = should_stop or (lambda: False)
 
@@ -189,6 +217,9 @@ def stream_tokens(
     if settings.seed is not None:
         mx.random.seed(settings.seed)
     mx.reset_peak_memory()
+    speculative = (
+        {} if draft is None else {"draft_model": draft.model, "num_draft_tokens": draft.tokens}
+    )
     responses = stream_generate(
         model,
         tokenizer,
@@ -199,6 +230,7 @@ def stream_tokens(
         prompt_cache=prompt_cache,
         prefill_step_size=PREFILL_STEP,
         prompt_progress_callback=on_progress,
+        **speculative,
     )
     try:
         for response in responses:
@@ -220,6 +252,181 @@ def stream_tokens(
         responses.close()
 
 
+def vocabulary_difference(mine: Any, theirs: Any) -> str | None:
+    """How two tokenizers' vocabularies differ (their sizes, or the first id that maps to other
+    tokens), or None when they are the same."""
+    a, b = mine.get_vocab(), theirs.get_vocab()
+    if a == b:
+        return None
+    if len(a) != len(b):
+        return f"{len(a):,} vs {len(b):,} tokens"
+    by_id = {i: t for t, i in b.items()}
+    first = min(i for t, i in a.items() if by_id.get(i) != t)
+    return f"token {first} is {dict((i, t) for t, i in a.items())[first]!r} vs {by_id.get(first)!r}"
+
+
+def check_vocabulary(what: str, tokenizer: Any, other: Any) -> None:
+    difference = vocabulary_difference(tokenizer, other)
+    if difference:
+        raise VocabularyError(
+            f"{what} has another vocabulary than the model ({difference}); it must use the "
+            "model's tokenizer (train it with data.tokenizer=MODEL, e.g. appleslm distill)"
+        )
+
+
+def check_cache_split(model: Any) -> None:
+    """mlx-lm's speculative decoding hands the target `prompt_cache[:len(model.layers)]`: that
+    must be all of the target's caches."""
+    caches = len(make_prompt_cache(model))
+    if caches != len(model.layers):
+        raise GenerationError(
+            f"speculative decoding cannot run this model: it keeps {caches} caches for "
+            f"{len(model.layers)} layers (block sharing, layer_repeat > 1), and mlx-lm splits "
+            "the cache by len(model.layers); export it (appleslm export) to unroll the blocks"
+        )
+    if not can_trim_prompt_cache(make_prompt_cache(model)):
+        raise GenerationError("speculative decoding needs a model whose KV cache can be trimmed")
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A small model that proposes `tokens` tokens a step for mlx-lm's speculative decoding."""
+
+    model: Any
+    tokens: int = 3
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise GenerationError(f"--draft-tokens must be at least 1, not {self.tokens}")
+
+
+@dataclass(frozen=True)
+class ProxyArgs:
+    """What mlx-lm and appleslm read of a model's args: the vocabulary and the context."""
+
+    vocab_size: int
+    max_position_embeddings: int | None
+    alpha: float
+
+
+class ProxyTuned(nn.Module):
+    """Proxy-tuning (Liu et al. 2024) as one mlx-lm model: the next-token logits are
+    base + alpha * (expert - anti_expert), all three raw logits over the shared vocabulary.
+
+    Each model keeps its own KV cache; `make_cache` returns them end to end and every call hands
+    each model its part, so mlx-lm's generation, prompt caches (and their trimming), the chat
+    app's cache reuse and speculative decoding see one ordinary model.
+    """
+
+    def __init__(
+        self, base: nn.Module, expert: nn.Module, anti_expert: nn.Module, alpha: float = 1.0
+    ):
+        super().__init__()
+        self.base, self.expert, self.anti_expert = base, expert, anti_expert
+        self._cache_sizes = [len(make_prompt_cache(m)) for m in self.parts]
+        probe = mx.array([[0]])
+        widths = [m(probe).shape[-1] for m in self.parts]
+        contexts = [c for c in map(context_length, self.parts) if c is not None]
+        # Vocabularies are padded to different widths; the real tokens are the first ones.
+        self.args = ProxyArgs(min(widths), min(contexts) if contexts else None, alpha)
+
+    @property
+    def parts(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.base, self.expert, self.anti_expert
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return [layer for m in self.parts for layer in m.layers]
+
+    def make_cache(self) -> list[Any]:
+        return [c for m in self.parts for c in make_prompt_cache(m)]
+
+    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+        if cache is None:
+            caches = [None] * 3
+        else:
+            ends = [sum(self._cache_sizes[: i + 1]) for i in range(3)]
+            caches = [cache[end - size : end] for end, size in zip(ends, self._cache_sizes)]
+        base, expert, anti = (
+            m(inputs, cache=c)[..., : self.args.vocab_size].astype(mx.float32)
+            for m, c in zip(self.parts, caches)
+        )
+        return base + self.args.alpha * (expert - anti)
+
+
+def proxy_tuned(
+    base: tuple[nn.Module, Any],
+    expert: tuple[nn.Module, Any],
+    anti_expert: tuple[nn.Module, Any],
+    alpha: float = 1.0,
+) -> ProxyTuned:
+    """The proxy-tuned composite of three (model, tokenizer) pairs; their vocabularies must be
+    the base's."""
+    if not math.isfinite(alpha):
+        raise GenerationError(f"--alpha must be a finite number, not {alpha}")
+    for what, (_, tokenizer) in (("the expert", expert), ("the anti-expert", anti_expert)):
+        check_vocabulary(what, base[1], tokenizer)
+    composite = ProxyTuned(base[0], expert[0], anti_expert[0], alpha)
+    real = len(base[1].get_vocab())
+    if composite.args.vocab_size < real:
+        raise VocabularyError(
+            f"a model of the proxy-tuning has {composite.args.vocab_size:,} logits for a "
+            f"{real:,}-token vocabulary"
+        )
+    return composite
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What `generate`, `chat` and `eval` run: a model, optionally proxy-tuned by an
+    (expert, anti-expert) pair with strength `alpha`, optionally with a draft model that
+    proposes `draft_tokens` tokens a step (speculative decoding)."""
+
+    model: str
+    proxy: tuple[str, str] | None = None
+    alpha: float = 1.0
+    draft: str | None = None
+    draft_tokens: int = 3
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.alpha):
+            raise GenerationError(f"--alpha must be a finite number, not {self.alpha}")
+        if self.proxy is None and self.alpha != 1.0:
+            raise GenerationError("--alpha scales proxy-tuning: give --proxy EXPERT ANTIEXPERT")
+        if self.draft_tokens < 1:
+            raise GenerationError(f"--draft-tokens must be at least 1, not {self.draft_tokens}")
+
+    def describe(self, name: Callable[[str], str] = str) -> str:
+        """E.g. "smollm2 + proxy (shakespeare - sotu, α 1) + draft (draft-tiny, 3 tokens)"."""
+        text = name(self.model)
+        if self.proxy:
+            expert, anti = (name(p) for p in self.proxy)
+            text += f" + proxy ({expert} - {anti}, α {self.alpha:g})"
+        if self.draft:
+            text += f" + draft ({name(self.draft)}, {self.draft_tokens} tokens)"
+        return text
+
+
+def load_choice(
+    choice: ModelChoice, *, loader: Callable[..., tuple[Any, Any]] | None = None, **options: Any
+) -> tuple[Any, Any, Draft | None]:
+    """(model, tokenizer, draft) for `choice`; `loader` (default `load_model`, with `options`)
+    loads each model directory."""
+    if loader is None:
+        from appleslm.io.model_dir import load_model as loader
+    model, tokenizer = loader(choice.model, **options)
+    if choice.proxy is not None:
+        expert, anti = (loader(spec, **options) for spec in choice.proxy)
+        model = proxy_tuned((model, tokenizer), expert, anti, choice.alpha)
+    draft = None
+    if choice.draft is not None:
+        draft_model, draft_tokenizer = loader(choice.draft, **options)
+        check_vocabulary(f"the draft {choice.draft}", tokenizer, draft_tokenizer)
+        check_cache_split(model)
+        draft = Draft(draft_model, choice.draft_tokens)
+    return model, tokenizer, draft
+
+
 class ChatSession:
     """A conversation with one model whose KV cache survives from turn to turn.
 
@@ -229,18 +436,30 @@ class ChatSession:
     changed behind the cache (a regenerated or edited message) the cache is trimmed back to
     the common prefix with `trim_prompt_cache`, so the model never re-reads what it has seen.
 
+    With a `draft` every reply is decoded speculatively; the draft's caches follow the model's
+    in one prompt cache (as mlx-lm splits it) and are trimmed with them.
+
     One reply streams at a time; a lock makes a second caller wait for the first.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, chat_template: bool = True) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, *, chat_template: bool = True, draft: Draft | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.use_chat_template = chat_template
+        self.draft = draft
+        if draft is not None:
+            check_cache_split(model)
         self.context_length = context_length(model)
         self.stats: Stats | None = None
         self._lock = threading.Lock()
-        self._cache: list[Any] = make_prompt_cache(model)
+        self._cache: list[Any] = self._new_cache()
         self._cached_ids: list[int] = []
+
+    def _new_cache(self) -> list[Any]:
+        draft = make_prompt_cache(self.draft.model) if self.draft is not None else []
+        return make_prompt_cache(self.model) + draft
 
     @property
     def chat_mode(self) -> bool:
@@ -258,7 +477,7 @@ class ChatSession:
             self._reset()
 
     def _reset(self) -> None:
-        self._cache = make_prompt_cache(self.model)
+        self._cache = self._new_cache()
         self._cached_ids = []
 
     def render(self, messages: Sequence[Message]) -> list[int]:
@@ -297,7 +516,8 @@ class ChatSession:
             max_tokens = settings.max_tokens
             if limit is not None:
                 max_tokens = min(max_tokens, limit - len(ids))
-            self.stats = Stats(cached_tokens=keep)
+            drafted = 0 if self.draft is not None else None
+            self.stats = Stats(cached_tokens=keep, draft_tokens=drafted)
             generated: list[int] = []
             ttft = None
             finished = False
@@ -309,12 +529,17 @@ class ChatSession:
                 max_tokens=max_tokens,
                 prompt_cache=self._cache,
                 should_stop=should_stop,
+                draft=self.draft,
             )
             try:
                 for response in responses:
                     ttft = ttft if ttft is not None else time.perf_counter() - start
                     generated.append(response.token)
-                    self.stats = Stats.from_response(response, ttft=ttft, cached_tokens=keep)
+                    if drafted is not None:
+                        drafted += response.from_draft
+                    self.stats = Stats.from_response(
+                        response, ttft=ttft, cached_tokens=keep, draft_tokens=drafted
+                    )
                     yield response
                 finished = True
             except GeneratorExit:  # the caller stopped reading: a normal, early end
@@ -346,11 +571,19 @@ class ChatSession:
 
         mlx-lm feeds every sampled token back before yielding it, so after a reply the cache
         holds the prompt plus every generated token (the end-of-sequence one included); a
-        prompt abandoned mid-prefill leaves only the steps already done. The cache's own
-        offset says which; anything inconsistent (or an error mid-call) starts afresh.
+        prompt abandoned mid-prefill leaves only the steps already done. Speculative decoding
+        rewinds its caches to what was accepted, and the draft's may end a token short of the
+        model's: the longer one is trimmed to the shorter. The caches' own offsets say where
+        they end; anything inconsistent (or an error mid-call) starts afresh.
         """
-        offset = getattr(self._cache[0], "offset", None) if self._cache else None
-        if failed or offset is None or offset > len(known_ids):
+        split = len(self._cache) if self.draft is None else len(self.model.layers)
+        parts = [self._cache[:split], self._cache[split:]]
+        offsets = [getattr(part[0], "offset", None) for part in parts if part]
+        if failed or None in offsets or max(offsets) > len(known_ids):
             self._reset()
-        else:
-            self._cached_ids = known_ids[:offset]
+            return
+        offset = min(offsets)
+        for part, end in zip(parts, offsets):
+            if end > offset:
+                trim_prompt_cache(part, end - offset)
+        self._cached_ids = known_ids[:offset]

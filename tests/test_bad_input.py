@@ -182,6 +182,7 @@ MODEL_COMMANDS = {
     "export": ["--out", "{tmp}/e"],
     "push": ["me/model", "--dry-run"],
     "eval": ["--data", "{tmp}/text.txt"],
+    "merge": ["--out", "{tmp}/merged"],
 }
 
 
@@ -210,6 +211,36 @@ def test_every_model_command_refuses_a_broken_model(
         (["push", "{model}", "not a repo id", "--dry-run"], "repo id"),
         (["quantize", "{model}", "--out", "{model}"], "--overwrite"),
         (["export", "{model}", "--out", "{tmp}/a-file"], "not a directory"),
+        (["merge", "--out", "{tmp}/m"], "nothing to merge"),
+        (["merge", "{model}", "--out", "{model}"], "ingredients"),
+        (["merge", "{model}", "{model}", "--out", "{tmp}/m", "--weights", "1"], "--weights"),
+        (["merge", "{model}", "--out", "{tmp}/m", "--weights", "-1"], "positive sum"),
+        (["merge", "{model}", "--out", "{tmp}/m", "--greedy"], "--eval-data"),
+        (["merge", "{model}", "--out", "{tmp}/m", "--last", "2"], "not a finished training run"),
+        (["merge", "{model}", "--out", "{tmp}/m", "--config", "{tmp}/a-file"], "--config"),
+        (["merge", "--out", "{tmp}/m", "--config", "{tmp}/a-file"], "a-file"),
+        (["merge", "{model}", "--out", "{tmp}/m", "--eval-data", "{tmp}/none"], "none"),
+        (
+            ["generate", "{model}", "--prompt", "x", "--draft", "{model}", "--draft-tokens", "0"],
+            "--draft-tokens",
+        ),
+        (["generate", "{model}", "--prompt", "x", "--alpha", "2"], "--proxy"),
+        (["generate", "{model}", "--prompt", "x", "--proxy", "{model}", "{tmp}/none"], "none"),
+        (
+            [
+                "generate",
+                "{model}",
+                "--prompt",
+                "x",
+                "--proxy",
+                "{model}",
+                "{model}",
+                "--alpha",
+                "nan",
+            ],
+            "--alpha",
+        ),
+        (["chat", "--draft", "{model}"], "MODEL"),
     ],
 )
 def test_other_commands_refuse_bad_arguments(argv, names, tiny_model_dir, tmp_path, capsys):

@@ -18,7 +18,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Header
 
-from appleslm.generate import ChatSession, GenerationError, SamplingSettings
+from appleslm.generate import ChatSession, GenerationError, ModelChoice, SamplingSettings
 from appleslm_tui.conversation_actions import ConversationActions
 from appleslm_tui.model_list import ModelEntry, default_roots, label, list_models
 from appleslm_tui.reply import ReplyBuffer
@@ -44,9 +44,9 @@ class ReplyDone(Message):
 
 
 class ModelLoaded(Message):
-    def __init__(self, spec: str, session: ChatSession | None, error: str | None) -> None:
+    def __init__(self, choice: ModelChoice, session: ChatSession | None, error: str | None) -> None:
         super().__init__()
-        self.spec, self.session, self.error = spec, session, error
+        self.choice, self.spec, self.session, self.error = choice, choice.model, session, error
 
 
 class ChatApp(ConversationActions, App):
@@ -67,7 +67,7 @@ class ChatApp(ConversationActions, App):
 
     def __init__(
         self,
-        model: str | None = None,
+        model: str | ModelChoice | None = None,
         *,
         home: str | Path | None = None,
         system_prompt: str = "",
@@ -82,6 +82,7 @@ class ChatApp(ConversationActions, App):
         self.home = data_home(home)
         self.store = Store.open(self.home)
         self.model_spec: str | None = None
+        self.model_name = ""  # the model's label, with its proxy-tuning and draft if any
         self.session: ChatSession | None = None
         self.loading: str | None = None
         self.trust_remote_code = trust_remote_code
@@ -148,7 +149,7 @@ class ChatApp(ConversationActions, App):
         self.update_titles()
 
     def update_titles(self) -> None:
-        self.title = f"appleslm · {label(self.model_spec)}" if self.model_spec else "appleslm"
+        self.title = f"appleslm · {self.model_name}" if self.model_spec else "appleslm"
         self.sub_title = self.conversation.title if self.conversation else "new conversation"
 
     def show_idle(self) -> None:
@@ -161,9 +162,7 @@ class ChatApp(ConversationActions, App):
             session = self.session
             mode = "chat template" if session.chat_mode else "plain completion (no chat template)"
             context = f"context {session.context_length:,}" if session.context_length else ""
-            self.speed.show_status(
-                " · ".join(filter(None, [label(self.model_spec or ""), mode, context]))
-            )
+            self.speed.show_status(" · ".join(filter(None, [self.model_name, mode, context])))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # The footer must fit 80 columns: Stop shows only while it can act, Regen/Edit hide
@@ -223,28 +222,32 @@ class ChatApp(ConversationActions, App):
 
     # model loading
 
-    def load(self, spec: str) -> None:
+    def load(self, spec: str | ModelChoice) -> None:
+        """Load a model (a `ModelChoice` also proxy-tunes it or gives it a draft)."""
         if self.generating:
             self.notify("Stop the reply before switching models", severity="warning")
             return
-        self.loading = str(spec)
+        choice = spec if isinstance(spec, ModelChoice) else ModelChoice(str(spec))
+        self.loading = choice.model
         self.show_idle()
-        self._load_worker(str(spec))
+        self._load_worker(choice)
 
     @work(thread=True, exclusive=True, group="load", exit_on_error=False)
-    def _load_worker(self, spec: str) -> None:
-        from appleslm.io.model_dir import ModelDirError, load_model
+    def _load_worker(self, choice: ModelChoice) -> None:
+        from appleslm.errors import AppleslmError
+        from appleslm.generate import load_choice
 
+        spec = choice.model
         try:
-            model, tokenizer = load_model(spec, trust_remote_code=self.trust_remote_code)
-            session, error = ChatSession(model, tokenizer), None
-        except ModelDirError as e:
+            model, tokenizer, draft = load_choice(choice, trust_remote_code=self.trust_remote_code)
+            session, error = ChatSession(model, tokenizer, draft=draft), None
+        except AppleslmError as e:
             session, error = None, str(e)
         except MemoryError:
             session, error = None, f"Out of memory while loading {label(spec)}"
         except Exception as e:  # a model we cannot run must not take the app down
             session, error = None, f"Cannot load {label(spec)}: {type(e).__name__}: {e}"
-        self.post_message(ModelLoaded(spec, session, error))
+        self.post_message(ModelLoaded(choice, session, error))
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
         self.loading = None
@@ -256,6 +259,7 @@ class ChatApp(ConversationActions, App):
                 self.show_idle()
             return
         self.session, self.model_spec = message.session, message.spec
+        self.model_name = message.choice.describe(label)
         self.speed.stats = None
         recent = [message.spec] + [
             s for s in self.store.get_pref("recent_models", []) if s != message.spec
@@ -554,7 +558,7 @@ class ChatApp(ConversationActions, App):
 
 
 def run_chat(
-    model: str | None = None,
+    model: str | ModelChoice | None = None,
     *,
     system_prompt: str = "",
     settings: SamplingSettings | None = None,

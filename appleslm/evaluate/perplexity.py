@@ -7,6 +7,7 @@ BPE model with a byte model or with one of another vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from appleslm.data.corpus import DataError, iter_documents
 from appleslm.data.tokenizer import eot_id, token_byte_lengths
 from appleslm.evaluate import EvaluationError
+from appleslm.generate import ModelChoice, load_choice
 from appleslm.io.files import read_provenance
 from appleslm.io.model_dir import load_model, resolve_model
 from appleslm.models import context_length
@@ -163,7 +165,7 @@ def held_out_tokens(
 
 
 def evaluate_text(
-    model_spec: str | Path,
+    model_spec: str | Path | ModelChoice,
     text_path: str | Path | None = None,
     seq_len: int | None = None,
     trust_remote_code: bool = False,
@@ -174,19 +176,26 @@ def evaluate_text(
     log: Callable[[str], Any] = _stderr,
 ) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of a model on a text source, or with `text_path` None
-    on the held-out split of the data it was trained on; at most `max_tokens` tokens."""
+    on the held-out split of the data it was trained on; at most `max_tokens` tokens. A
+    `ModelChoice` with `proxy` measures the proxy-tuned composite (on the base's held-out split
+    by default)."""
     for name, value, least in (("--seq-len", seq_len, 1), ("--max-tokens", max_tokens, 2)):
         if value is not None and value < least:
             raise EvaluationError(f"{name} must be at least {least}, not {value}")
     if batch_size < 1:
         raise EvaluationError(f"--batch-size must be at least 1, not {batch_size}")
-    model_dir = resolve_model(model_spec)
+    choice = model_spec if isinstance(model_spec, ModelChoice) else ModelChoice(str(model_spec))
+    model_dir = resolve_model(choice.model)
     if text_path is None and read_provenance(model_dir).data_config is None:
         raise EvaluationError(
             f"{model_dir} records no training data (its appleslm.json has no data_config), so "
             "it has no held-out split: pass --data with a text file, folder or JSONL"
         )
-    model, tokenizer = load_for_evaluation(model_dir, trust_remote_code)
+    model, tokenizer, _ = load_choice(
+        dataclasses.replace(choice, model=str(model_dir)),
+        loader=load_for_evaluation,
+        trust_remote_code=trust_remote_code,
+    )
     log(
         f"tokenizing {text_path}..."
         if text_path is not None

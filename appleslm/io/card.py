@@ -64,7 +64,7 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None) -> Mode
         library_name="mlx",
         pipeline_tag="text-generation",
         license="apache-2.0",
-        tags=card_tags(config),
+        tags=card_tags(config) + (["merge"] if provenance.merged_from else []),
         base_model=base,
     )
     sections = [
@@ -72,6 +72,7 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None) -> Mode
         architecture_section(config),
         parameters_section(provenance.params),
         training_section(provenance.training),
+        merge_section(provenance),
         evaluation_section(provenance),
         quantization_section(config.get("quantization"), provenance.quantization),
         usage_section(config, name),
@@ -231,9 +232,53 @@ def stage_text(stage: TrainingRecord) -> str:
         took = f" in {duration(stage.seconds)}" if stage.seconds else ""
         procs = f", {stage.processes} processes" if stage.processes > 1 else ""
         lines.append(f"- hardware: {stage.hardware}{procs}{took}")
+    if stage.teacher:
+        lines.append(f"- teacher: {public_source(stage.teacher)}")
     if stage.val_loss_before is not None:
         lines.append(f"- held-out loss before: {stage.val_loss_before:.4f}")
     return "\n".join(lines)
+
+
+MERGE_METHODS = {
+    "linear": "linear (mergekit's `linear`: sum of weight x tensor over the sum of the weights)",
+    "greedy_soup": "greedy soup (ingredients added best first, each kept only if the held-out "
+    "loss did not rise)",
+}
+
+
+def merge_section(provenance: Provenance) -> str:
+    """The ingredients of a merged model, and the recipe as a mergekit-style config."""
+    ingredients = provenance.merged_from
+    if not ingredients:
+        return ""
+    method = provenance.merge_method or "linear"
+    rows = [
+        "| model | weight | share of the average | held-out loss |",
+        "| --- | --- | --- | --- |",
+    ]
+    for item in ingredients:
+        loss = item.get("held_out_loss")
+        share = item.get("share", 0.0)
+        rows.append(
+            f"| {public_source(str(item['model']))} | {item['weight']:g} | "
+            f"{f'{share:.3g}' if share else 'left out'} | "
+            f"{'' if loss is None else f'{loss:.4f}'} |"
+        )
+    config = [f"merge_method: {method}", "models:"]
+    for item in ingredients:
+        if item.get("share", 0.0) and item.get("step") is None:
+            config += [
+                f"  - model: {public_source(str(item['model']))}",
+                f"    parameters: {{weight: {item['weight']:g}}}",
+            ]
+    parts = [
+        "## Merge",
+        f"A weight average of {len(ingredients)} models: {MERGE_METHODS.get(method, method)}.",
+        "\n".join(rows),
+    ]
+    if len(config) > 2:  # checkpoints are no models a config could name
+        parts.append("As a mergekit-style config:\n\n```yaml\n" + "\n".join(config) + "\n```")
+    return "\n\n".join(parts)
 
 
 def evaluation_section(provenance: Provenance) -> str:

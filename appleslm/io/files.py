@@ -89,6 +89,7 @@ class TrainingRecord:
     hardware: str = ""
     seconds: float | None = None
     val_loss_before: float | None = None  # fine-tuning: held-out loss of the base model
+    teacher: str | None = None  # distillation: the model whose distribution was matched
     settings: dict[str, Any] = field(default_factory=dict)  # the whole loop config
 
 
@@ -128,7 +129,10 @@ class Provenance:
     quantization: QuantRecord | None = None
     exported_from: dict[str, Any] | None = None
     imported_from: dict[str, Any] | None = None  # e.g. {"format": "GGUF", "file": ..., "sha256"}
-    merged_from: list[dict[str, Any]] | None = None  # [{"model": ..., "weight": ...}]
+    # the ingredients: [{"model", "weight", "share" (of the average; 0: left out of a greedy
+    # soup), "step" (a checkpoint), "held_out_loss", "dequantized"}], the last three if known
+    merged_from: list[dict[str, Any]] | None = None
+    merge_method: str | None = None  # "linear" or "greedy_soup" (appleslm.io.merge)
     version: int = PROVENANCE_VERSION
 
     @property

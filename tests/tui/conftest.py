@@ -61,7 +61,7 @@ def make_app(tmp_path) -> Callable[..., ChatApp]:
         kwargs.setdefault("model_roots", [])
         kwargs.setdefault("hub_cache", False)
         kwargs.setdefault("pick_model_on_start", False)
-        return ChatApp(str(model) if model is not None else None, **kwargs)
+        return ChatApp(str(model) if isinstance(model, Path) else model, **kwargs)
 
     return make
 

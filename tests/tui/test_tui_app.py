@@ -10,7 +10,7 @@ import mlx.core as mx
 from textual.widgets import Input, OptionList
 
 import appleslm.generate as generate
-from appleslm.generate import SamplingSettings
+from appleslm.generate import ModelChoice, SamplingSettings
 from appleslm_tui.app import ModelLoaded
 from appleslm_tui.model_list import ModelEntry
 from appleslm_tui.screens import ConversationsScreen, ModelPickerScreen, SettingsScreen
@@ -548,3 +548,20 @@ async def test_a_system_prompt_set_mid_conversation_is_exported_where_it_was_set
         assert app.messages_for_model()[0] == {"role": "system", "content": "Answer in verse."}
         await app.open_conversation(app.conversation.id)  # reopened, the prompt is the latest
         assert app.system_prompt == "Answer in verse."
+
+
+async def test_a_proxy_tuned_model_with_a_draft_shows_its_acceptance(make_app, tiny_model_dir):
+    spec = str(tiny_model_dir)
+    choice = ModelChoice(spec, proxy=(spec, spec), alpha=0.5, draft=spec, draft_tokens=2)
+    app = make_app(choice)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert app.session is not None, notifications(app)
+        assert "proxy" in app.title and "draft" in app.title
+        await send(pilot, "The Congress shall have power")
+        await wait_until(pilot, lambda: not app.generating)
+        stats = app.session.stats
+        assert app.history[-1].status == "done" and stats.acceptance is not None
+        # base + 0.5 (m - m) is the model itself: its own draft is accepted
+        assert stats.acceptance > 0.5
+        assert f"draft {stats.acceptance:.0%} accepted" in str(app.speed.render())

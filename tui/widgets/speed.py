@@ -27,6 +27,7 @@ def format_stats(stats: Stats) -> Text:
         ("TTFT", f"{stats.ttft:.2f}s"),
         prompt_figure(stats),
         ("gen", f"{stats.generation_tps:,.1f} tok/s"),
+        *([("draft", f"{stats.acceptance:.0%} accepted")] if stats.acceptance is not None else []),
         ("", f"{stats.generation_tokens:,} tok"),
         ("peak", memory(stats.peak_memory)),
     ]
