@@ -91,6 +91,7 @@ class ModelArgs(BaseModelArgs):
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        self._check_positive()
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -139,6 +140,22 @@ class ModelArgs(BaseModelArgs):
         self._check_experts()
         self._check_byte_transformers()
 
+    def _check_positive(self) -> None:
+        """The sizes and scales every shape and the arithmetic below rely on."""
+        for name in ("num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"head_dim must be at least 1, got {self.head_dim}")
+        for name in ("rms_norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number of at least 0, got {value}")
+
     def _check_tying(self) -> None:
         if self.embedding == "leviathan":
             raise ValueError(
@@ -161,9 +178,6 @@ class ModelArgs(BaseModelArgs):
                 f"num_experts_per_tok {self.num_experts_per_tok} must be at most num_experts "
                 f"{self.num_experts}"
             )
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
 
     def _check_byte_transformers(self) -> None:
         self.byte_encoder_widths = list(self.byte_encoder_widths)
