@@ -154,7 +154,7 @@ class ModelArgs(BaseModelArgs):
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a number of at least 0, got {value}")
+                raise ValueError(f"{name} must be at least 0, got {value}")
 
     def _check_tying(self) -> None:
         if self.embedding == "leviathan":
