@@ -5,7 +5,13 @@ from __future__ import annotations
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from appleslm.models import appleslm as _architecture
+from appleslm.models import kernels as _kernels
 from appleslm.models.appleslm import LeviathanGenerator, Model, ModelArgs, digit_base
+
+# Our faster CPU training kernels for the installed architecture module (each switches itself
+# on by backend: see kernels.enabled()); a model directory's own copy runs the plain ops.
+_kernels.install(_architecture.KERNELS)
 
 __all__ = ["LeviathanGenerator", "Model", "ModelArgs", "digit_base", "parameter_counts"]
 

@@ -25,6 +25,24 @@ from mlx_lm.models.base import BaseModelArgs, create_attention_mask, scaled_dot_
 from mlx_lm.models.cache import KVCache
 
 EMBEDDINGS = ("table", "leviathan")
+# Optional faster kernels, by name ("attention", "swiglu"). appleslm fills this with its CPU
+# training kernels (appleslm/models/kernels.py); a kernel returns None to decline a call. Loaded
+# by stock mlx-lm without appleslm, the table stays empty and the plain ops below run.
+KERNELS: dict = {}
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: float, mask: Any):
+    kernel = KERNELS.get("attention")
+    out = kernel(q, k, v, cache=cache, scale=scale, mask=mask) if kernel else None
+    if out is None:
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
+    return out
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    kernel = KERNELS.get("swiglu")
+    out = kernel(gate, up) if kernel else None
+    return nn.silu(gate) * up if out is None else out
 
 
 @dataclass
@@ -173,7 +191,7 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        out = attention(q, k, v, cache, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -185,7 +203,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class TransformerBlock(nn.Module):
