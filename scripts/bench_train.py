@@ -2,6 +2,8 @@
 
   python scripts/bench_train.py            # all three comparisons, ~10M-parameter shapes
   python scripts/bench_train.py --quick    # ~1M shapes, for a smoke run
+  python scripts/bench_train.py --baseline 4e7e996 [--preset tiny | --shape 10m]
+                                           # the Trainer of another commit, side by side
 
 1. step:      one compiled AdamW step of our dense model vs `mlx_lm.models.llama.Model` at the same
               shape, dtype and batch (target: ours >= 1.0x).
@@ -10,6 +12,12 @@
 3. loop:      `appleslm train`'s Trainer step (data, accumulation, logging state) vs a plain loop
               around llama.Model on the same batches: tokens/s and peak memory (targets: >= 1.0x,
               <= 1.0x).
+4. baseline:  `appleslm train`'s Trainer step of the code of another commit (extracted with
+              `git archive` into a temporary directory, never a worktree) against this tree's, in
+              child processes that alternate (each imports its own `appleslm`): tokens/s of
+              "baseline", "current" (this tree's Trainer as it is) and "current+fused-CE" (this
+              tree's Trainer with its loss through `appleslm.train.losses.token_loss_sums` on the
+              final-norm hidden states, as the rewritten trainer will call it).
 Each comparison interleaves the two sides and reports the median of paired ratios, because this
 machine drifts by 20-30% between runs.
 """
@@ -17,8 +25,12 @@ machine drifts by 20-30% between runs.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from functools import partial
@@ -38,6 +50,8 @@ from mlx_lm.models import llama  # noqa: E402
 from appleslm.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
 from appleslm.models import Model, ModelArgs, parameter_counts  # noqa: E402
 from appleslm.train.loop import Trainer, cross_entropy, generator_loss, model_inputs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = {  # the ~10M and ~1M deep-thin shapes of shared/reference/perf-baselines.md
     "10m": dict(
@@ -220,13 +234,124 @@ def bench_loop(shape, dtype, batch_size, seq_len, reps):
         )
 
 
+BASELINE_CHILD = r"""
+import json, os, sys, tempfile, time
+from pathlib import Path
+import mlx.core as mx
+from appleslm.config import load_config
+import appleslm.train.loop as loop
+
+spec = json.loads(sys.argv[1])
+cfg = load_config(spec["preset"], spec["overrides"])
+if spec["fused_ce"]:
+    from mlx_lm.models.base import create_attention_mask
+    from appleslm.train.losses import token_loss_sums
+
+    def fused_cross_entropy(model, x, y, embeddings=None):
+        h = embeddings if embeddings is not None else model.embed(x)
+        mask = create_attention_mask(h, None)
+        for layer in model.executed_layers():
+            h = layer(h, mask, None)
+        head = model.embed_tokens if model.args.tie_word_embeddings else model.lm_head
+        total, count = token_loss_sums(model.norm(h), head.weight, y)
+        return total / count
+
+    loop.cross_entropy = fused_cross_entropy  # what build_steps differentiates
+with tempfile.TemporaryDirectory() as tmp:
+    trainer = loop.Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda message: None)
+    for _ in range(spec["warmup"]):
+        trainer.train_step()
+    times = []
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        trainer.train_step()
+        times.append(time.perf_counter() - start)
+times.sort()
+tokens = cfg.train.batch_size * cfg.train.seq_len
+print(json.dumps({"tok_s": tokens / times[len(times) // 2], "load": os.getloadavg()[0]}))
+"""
+
+
+def extract_commit(commit: str, into: Path) -> Path:
+    """The tree of `commit` as plain files (git archive: no worktree, no repository change)."""
+    archive = into / "tree.tar"
+    with archive.open("wb") as out:
+        subprocess.run(["git", "-C", str(ROOT), "archive", commit], stdout=out, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into / "tree", filter="data")
+    return into / "tree"
+
+
+def bench_baseline(args) -> None:
+    overrides = []
+    if args.shape:
+        shape = SHAPES[args.shape]
+        overrides = [f"model.{key}={value}" for key, value in shape.items()]
+        overrides += ["model.tie_word_embeddings=true", "model.max_position_embeddings=512"]
+        overrides += [f"train.batch_size={args.batch}", f"train.seq_len={args.seq}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = extract_commit(args.baseline, Path(tmp))
+        sides = {
+            args.baseline: (tree, False),
+            "current": (ROOT, False),
+            "current+fused-CE": (ROOT, True),
+        }
+        results = {name: [] for name in sides}
+        for round_ in range(args.reps):
+            names = list(sides)
+            names = names[round_ % len(names) :] + names[: round_ % len(names)]  # rotate order
+            for name in names:
+                tree_dir, fused = sides[name]
+                spec = dict(
+                    preset=args.preset,
+                    overrides=overrides,
+                    fused_ce=fused,
+                    warmup=2,
+                    steps=args.steps,
+                )
+                env = dict(os.environ, PYTHONPATH=str(tree_dir))
+                done = subprocess.run(
+                    [sys.executable, "-c", BASELINE_CHILD, json.dumps(spec)],
+                    env=env,
+                    cwd=tree_dir,
+                    capture_output=True,
+                    text=True,
+                )
+                if done.returncode:
+                    raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+                results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(
+                f"round {round_ + 1}: "
+                + ", ".join(f"{n} {results[n][-1]['tok_s']:.0f} tok/s" for n in sides)
+                + f" (load {results[names[-1]][-1]['load']:.2f})",
+                flush=True,
+            )
+    base = [r["tok_s"] for r in results[args.baseline]]
+    what = args.shape or args.preset
+    print(f"{what}, Trainer step, tokens/s (median of {args.reps} rounds of child processes):")
+    for name in sides:
+        mine = [r["tok_s"] for r in results[name]]
+        ratio = statistics.median(m / b for m, b in zip(mine, base))
+        print(f"  {name:18s} {statistics.median(mine):7.0f} tok/s   {ratio:.2f}x {args.baseline}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~1M shapes")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--only", choices=["step", "generator", "loop"])
+    parser.add_argument("--baseline", metavar="COMMIT", help="compare Trainers with this commit")
+    parser.add_argument("--preset", default="tiny", help="--baseline: the preset to train")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="--baseline: a bench shape instead")
+    parser.add_argument("--batch", type=int, default=2, help="--baseline --shape: batch size")
+    parser.add_argument("--seq", type=int, default=256, help="--baseline --shape: sequence length")
+    parser.add_argument("--steps", type=int, default=5, help="--baseline: timed steps per child")
     args = parser.parse_args()
+    if args.baseline:
+        print(f"BLAS: {blas_in_use()}")
+        bench_baseline(args)
+        return
     shape = SHAPES["1m" if args.quick else "10m"]
     dtype = getattr(mx, args.dtype)
     batch_size, seq_len = (8, 128) if args.quick else (2, 256)

@@ -5,11 +5,10 @@ Why. MLX has SIMD kernels for Apple silicon only. On Linux its CPU backend evalu
 seven `std::fma` calls are out-of-line libm calls in a wheel built for baseline x86-64: about
 50M elements/s, 15-20x slower than numpy. Plain arithmetic, integer casts and constant shifts do
 not have that problem: `mx.compile` fuses them into one C++ loop that g++ vectorizes and that runs
-at memory speed. So here exp is written from those ops: 2^t = 2^n * 2^f with n the integer part
-(a truncating cast), 2^f a degree-6 polynomial on (-1, 0] (relative error 2e-7 in float32, as
-accurate as `mx.exp`), and 2^n built in the float's exponent bits (a shift and a bit-cast). It is
-defined for finite inputs <= 0, which is all the kernels below ever pass it (softmax after
-subtracting the row maximum, sigmoid through exp(-|x|)); below 2^-126 it returns 0.
+at memory speed. So here exp is written from those ops: 2^t = 2^n * 2^f with n the nearest
+integer (magic-number rounding and a cast), 2^f a degree-6 polynomial on [-1/2, 1/2] (relative
+error 1.7e-7 in float32, as accurate as `mx.exp`), and 2^n built in the float's exponent bits (a
+shift and a bit-cast); sigmoid is 1 / (1 + exp(-x)).
 
 Each kernel is a custom VJP that reuses what the forward computed (the softmax probabilities, the
 SiLU's sigmoid) instead of differentiating through the polynomial or recomputing exponentials.
@@ -32,20 +31,19 @@ import mlx.core as mx
 SWITCH = "APPLESLM_CPU_KERNELS"  # "0" turns them off, "1" forces them on (any device)
 
 _LOG2E = 1.4426950408889634
-# 2^f on (-1, 0], a least-squares fit in relative error on Chebyshev nodes: 1.9e-9 in exact
-# arithmetic, 2.0e-7 evaluated in float32 (Estrin's scheme below).
+_ROUND = 12582912.0  # 1.5 * 2^23: (t + _ROUND) - _ROUND is t rounded to an integer (|t| < 2^22)
+# 2^f on [-1/2, 1/2], a least-squares fit in relative error on Chebyshev nodes: 1.9e-9 in exact
+# arithmetic, 1.7e-7 evaluated in float32 (Estrin's scheme below).
 _C = (
-    0.999999998106773,
-    0.6931470102477799,
-    0.2402239394486611,
-    0.055489310016778495,
-    0.009576803316408549,
-    0.001272872775998918,
-    0.00010845307502888497,
+    1.0000000005921685,
+    0.6931472056058892,
+    0.2402264660804228,
+    0.0555032898574819,
+    0.009618519562717198,
+    0.0013399865142318284,
+    0.00015337580957013302,
 )
-MASKED = (
-    -1e9
-)  # masked attention scores: finite (exp's integer range reduction needs that), exp -> 0
+MASKED = -1e9  # masked attention scores: finite, as `exp` needs; their exp is 0
 
 _forced: bool | None = None
 
@@ -75,21 +73,33 @@ def forced(on: bool | None):
         _forced = previous
 
 
-def exp_nonpositive(x: mx.array) -> mx.array:
-    """exp(x) for float32 x in [-1.4e9, 0] from ops MLX's CPU compiler fuses and vectorizes.
+def boundary(x: mx.array) -> mx.array:
+    """x, materialized: a fusion boundary inside `mx.compile`, free for a contiguous array.
 
-    2^n goes through a bit-cast, which MLX cannot fuse: its kernel and the polynomial's kernel
-    each compute n from x (cheap arithmetic) rather than share it, which would cost a memory pass
-    (`x + 0.0`, exactly x, keeps MLX from merging the two copies). The chains are kept shallow:
-    MLX stops fusing 11 ops deep. Results below 2^-126 are 0. Below -1.4e9 (x * log2(e) past the
-    int32 range) the result is undefined, which a training run never reaches before its loss
-    has diverged.
+    (`mx.stop_gradient` is no boundary: compile drops it as a no-op.) Kernels built from many
+    small ops need boundaries: MLX stops fusing 11 ops deep or at 24 inputs (its scalar constants
+    count), and a kernel that reads a broadcast input is compiled as a strided loop that g++
+    does not vectorize.
     """
-    n = (x + 0.0) * _LOG2E
-    n = mx.maximum(n.astype(mx.int32), -127)  # truncation: the ceiling, as x <= 0
-    two_n = mx.view(mx.left_shift(n + 127, 23), mx.float32)  # exponent bits 0 (the value 0) at -127
+    return mx.contiguous(x)
+
+
+def exp(x: mx.array) -> mx.array:
+    """exp(x) for float32 |x| < 1.4e9 from ops MLX's CPU compiler fuses and vectorizes.
+
+    2^(x log2 e) = 2^n 2^f, n the nearest integer (clamped to [-127, 128]: 2^n is then 0 or inf,
+    exactly as exp under- and overflows), f in [-1/2, 1/2]. 2^n goes through a bit-cast, which MLX
+    cannot fuse: its kernel and the polynomial's each compute n from x (cheap arithmetic) rather
+    than share it, which would cost a memory pass (`x + 0.0`, exactly x, keeps MLX from merging
+    the two copies). Past |x| = 1.4e9 (x log2 e outside int32) the result is undefined, which a
+    training run never reaches before its loss has diverged; NaN gives NaN.
+    """
+    t = (x + 0.0) * _LOG2E
+    n = ((t + _ROUND) - _ROUND).astype(mx.int32)
+    n = mx.minimum(mx.maximum(n, -127), 128)
+    two_n = mx.view(mx.left_shift(n + 127, 23), mx.float32)  # bits 0 (value 0) .. 255 << 23 (inf)
     t = x * _LOG2E
-    f = t - t.astype(mx.int32).astype(mx.float32)  # in (-1, 0]
+    f = t - ((t + _ROUND) - _ROUND)
     c0, c1, c2, c3, c4, c5, c6 = _C
     f2 = f * f
     p = (c0 + c1 * f) + f2 * (c2 + c3 * f) + (f2 * f2) * ((c4 + c5 * f) + c6 * f2)
@@ -97,10 +107,10 @@ def exp_nonpositive(x: mx.array) -> mx.array:
 
 
 def _sigmoid(x: mx.array) -> mx.array:
-    # h = 1 / (1 + exp(-|x|)) is sigmoid(|x|); sigmoid(x) = h for x >= 0, 1 - h below. The
-    # selection is arithmetic (sign), because MLX's compiled `where` does not vectorize.
-    h = 1.0 / (1.0 + exp_nonpositive(-mx.abs(x)))
-    return h + (1.0 - 2.0 * h) * (0.5 - 0.5 * mx.sign(x))
+    # exp's result is materialized (a fusion boundary): fused into what follows, its chain would
+    # pass MLX's fusion limits and be split into several kernels, each a memory pass. For
+    # x < -88, exp(-x) is inf and the quotient 0, as it should be.
+    return 1.0 / (1.0 + boundary(exp(-x)))
 
 
 # ---------------------------------------------------------------- softmax over the last axis
@@ -108,10 +118,10 @@ def _sigmoid(x: mx.array) -> mx.array:
 
 @mx.compile
 def _softmax_forward(z: mx.array) -> mx.array:
-    # The shifted scores are materialized (stop_gradient is a fusion boundary) so that exp's long
-    # chain runs in a contiguous, vectorized kernel: fused with the broadcast row maximum it would
-    # be a strided kernel, which g++ leaves scalar (4x slower here).
-    e = exp_nonpositive(mx.stop_gradient(z - z.max(axis=-1, keepdims=True)))
+    # The shifted scores are materialized (a fusion boundary) so that exp's long chain runs in a
+    # contiguous, vectorized kernel: fused with the broadcast row maximum it would be a strided
+    # kernel, which g++ leaves scalar (4x slower here).
+    e = exp(boundary(z - z.max(axis=-1, keepdims=True)))
     return e * (1.0 / e.sum(axis=-1, keepdims=True))
 
 

@@ -29,14 +29,13 @@ def default_chunk(vocab_size: int) -> int:
 
 
 def _exp(x: mx.array) -> mx.array:
-    return kernels.exp_nonpositive(x) if kernels.enabled() else mx.exp(x)
+    return kernels.exp(x) if kernels.enabled() else mx.exp(x)
 
 
 def _chunk_softmax(logits: mx.array) -> tuple[mx.array, mx.array]:
     """Probabilities and log-sum-exp of float32 logits, one exponential per logit."""
     top = logits.max(axis=-1, keepdims=True)
-    # stop_gradient: the shifted logits are materialized, so exp runs as a contiguous kernel.
-    e = _exp(mx.stop_gradient(logits - top))
+    e = _exp(kernels.boundary(logits - top))  # materialized: exp runs as a contiguous kernel
     total = e.sum(axis=-1, keepdims=True)
     return e * (1.0 / total), top + mx.log(total)
 
