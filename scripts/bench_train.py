@@ -11,7 +11,8 @@
               step-time overhead; the paper reports 23-51%).
 3. loop:      `appleslm train`'s Trainer step (data, accumulation, logging state) vs a plain loop
               around llama.Model on the same batches: tokens/s and peak memory (targets: >= 1.0x,
-              <= 1.0x).
+              <= 1.0x; with the CPU kernels and the fused head + CE, >= 1.1x at ~10M). The
+              Trainer runs twice: as it is, and with its loss through token_loss_sums.
 4. baseline:  `appleslm train`'s Trainer step of the code of another commit (extracted with
               `git archive` into a temporary directory, never a worktree) against this tree's, in
               child processes that alternate (each imports its own `appleslm`): tokens/s of
@@ -46,10 +47,13 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
+from mlx_lm.models.base import create_attention_mask  # noqa: E402
 
 from appleslm.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
 from appleslm.models import Model, ModelArgs, parameter_counts  # noqa: E402
+from appleslm.train import loop  # noqa: E402
 from appleslm.train.loop import Trainer, cross_entropy, generator_loss, model_inputs  # noqa: E402
+from appleslm.train.losses import token_loss_sums  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -193,8 +197,24 @@ def bench_generator(shape, dtype, batch_size, seq_len, reps):
         )
 
 
+def fused_cross_entropy(model, x, y, embeddings=None):
+    """loop.cross_entropy through the fused, chunked head + CE, as the rewritten trainer calls it
+    (on the final-norm hidden states; `model.features` once the architecture has it)."""
+    h = embeddings if embeddings is not None else model.embed(x)
+    mask = create_attention_mask(h, None)
+    for layer in model.executed_layers():
+        h = layer(h, mask, None)
+    head = model.embed_tokens if model.args.tie_word_embeddings else model.lm_head
+    total, count = token_loss_sums(model.norm(h), head.weight, y)
+    return total / count
+
+
 def bench_loop(shape, dtype, batch_size, seq_len, reps):
-    """Our Trainer's step against a hand-written loop around llama.Model, same batches."""
+    """Our Trainer's step against a hand-written loop around llama.Model, same batches.
+
+    Two Trainers: as it is (plain cross-entropy over the logits), and with its loss through
+    `token_loss_sums` (what the rewritten trainer will call).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(
             model=ModelArgs(**shape),
@@ -207,31 +227,45 @@ def bench_loop(shape, dtype, batch_size, seq_len, reps):
             ),
         )
         trainer = Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda m: None)
+        saved, loop.cross_entropy = loop.cross_entropy, fused_cross_entropy
+        try:  # build_steps differentiates the module's cross_entropy
+            fused = Trainer(cfg, Path(tmp) / "run-fused", progress=False, log=lambda m: None)
+        finally:
+            loop.cross_entropy = saved
         anchor = llama.Model(llama_args(shape))
         anchor.set_dtype(dtype)
         anchor_step = compiled_step(anchor, llama_loss)
         batches = iter(lambda: trainer.batches.next_batch(), None)
 
-        def ours():
-            trainer.train_step()
-
         def theirs():
             x, y = next(batches)
             anchor_step(mx.array(x), mx.array(y))
 
-        t_ours, t_anchor, ratio = paired(ours, theirs, reps)
+        sides = {"mlx-lm": theirs, "ours": trainer.train_step, "ours+fused-CE": fused.train_step}
+        for _ in range(2):
+            for fn in sides.values():
+                fn()
+        times = {name: [] for name in sides}
+        for _ in range(reps):
+            for name, fn in sides.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
         tokens = batch_size * seq_len
         peaks = {}
-        for name, fn in (("ours", ours), ("mlx-lm", theirs)):
+        for name, fn in sides.items():
             mx.clear_cache()
             mx.reset_peak_memory()
             fn()
             peaks[name] = mx.get_peak_memory() / 2**20
-        print(
-            f"[loop] appleslm train {tokens / t_ours:.0f} tok/s, llama loop "
-            f"{tokens / t_anchor:.0f} tok/s, speed ratio {ratio:.3f}x; peak memory of one step "
-            f"(both models resident) {peaks['ours']:.0f} MiB vs {peaks['mlx-lm']:.0f} MiB"
-        )
+        for name in ("ours", "ours+fused-CE"):
+            ratio = statistics.median(b / a for a, b in zip(times[name], times["mlx-lm"]))
+            print(
+                f"[loop] appleslm train ({name}) {tokens / statistics.median(times[name]):.0f} "
+                f"tok/s, llama loop {tokens / statistics.median(times['mlx-lm']):.0f} tok/s, "
+                f"speed ratio {ratio:.3f}x (median of {reps} paired); peak memory of one step "
+                f"(all models resident) {peaks[name]:.0f} MiB vs {peaks['mlx-lm']:.0f} MiB"
+            )
 
 
 BASELINE_CHILD = r"""
