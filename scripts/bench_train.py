@@ -15,7 +15,9 @@
               Trainer runs twice: as it is, and with its loss through token_loss_sums.
 4. baseline:  `appleslm train`'s Trainer step of the code of another commit (extracted with
               `git archive` into a temporary directory, never a worktree) against this tree's, in
-              child processes that alternate (each imports its own `appleslm`): tokens/s of
+              three resident child processes (each imports its own `appleslm`) that take one
+              step each in turn, so every step of one side has neighbours of the others under
+              the same load; median of paired step-time ratios. Tokens/s of
               "baseline", "current" (this tree's Trainer as it is) and "current+fused-CE" (this
               tree's Trainer with its loss through `appleslm.train.losses.token_loss_sums` on the
               final-norm hidden states, as the rewritten trainer will call it).
@@ -49,7 +51,7 @@ import numpy as np  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 from mlx_lm.models.base import create_attention_mask  # noqa: E402
 
-from appleslm.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
+from appleslm.config import DataConfig, RunConfig, TrainConfig, load_config  # noqa: E402
 from appleslm.models import Model, ModelArgs, parameter_counts  # noqa: E402
 from appleslm.train import loop  # noqa: E402
 from appleslm.train.loop import Trainer, cross_entropy, generator_loss, model_inputs  # noqa: E402
@@ -295,14 +297,13 @@ with tempfile.TemporaryDirectory() as tmp:
     trainer = loop.Trainer(cfg, Path(tmp) / "run", progress=False, log=lambda message: None)
     for _ in range(spec["warmup"]):
         trainer.train_step()
-    times = []
-    for _ in range(spec["steps"]):
+    print("ready", flush=True)
+    for line in sys.stdin:  # one step per request: the parent interleaves the children
+        if line.strip() != "step":
+            break
         start = time.perf_counter()
         trainer.train_step()
-        times.append(time.perf_counter() - start)
-times.sort()
-tokens = cfg.train.batch_size * cfg.train.seq_len
-print(json.dumps({"tok_s": tokens / times[len(times) // 2], "load": os.getloadavg()[0]}))
+        print(json.dumps([time.perf_counter() - start, os.getloadavg()[0]]), flush=True)
 """
 
 
@@ -317,6 +318,7 @@ def extract_commit(commit: str, into: Path) -> Path:
 
 
 def bench_baseline(args) -> None:
+    """Three resident child processes, each with its own `appleslm`, stepping in turn."""
     overrides = []
     if args.shape:
         shape = SHAPES[args.shape]
@@ -330,43 +332,50 @@ def bench_baseline(args) -> None:
             "current": (ROOT, False),
             "current+fused-CE": (ROOT, True),
         }
-        results = {name: [] for name in sides}
-        for round_ in range(args.reps):
-            names = list(sides)
-            names = names[round_ % len(names) :] + names[: round_ % len(names)]  # rotate order
-            for name in names:
-                tree_dir, fused = sides[name]
-                spec = dict(
-                    preset=args.preset,
-                    overrides=overrides,
-                    fused_ce=fused,
-                    warmup=2,
-                    steps=args.steps,
-                )
-                env = dict(os.environ, PYTHONPATH=str(tree_dir))
-                done = subprocess.run(
-                    [sys.executable, "-c", BASELINE_CHILD, json.dumps(spec)],
-                    env=env,
-                    cwd=tree_dir,
-                    capture_output=True,
-                    text=True,
-                )
-                if done.returncode:
-                    raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-                results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(
-                f"round {round_ + 1}: "
-                + ", ".join(f"{n} {results[n][-1]['tok_s']:.0f} tok/s" for n in sides)
-                + f" (load {results[names[-1]][-1]['load']:.2f})",
-                flush=True,
+        children = {}
+        for name, (tree_dir, fused) in sides.items():
+            spec = dict(preset=args.preset, overrides=overrides, fused_ce=fused, warmup=2)
+            children[name] = subprocess.Popen(
+                [sys.executable, "-c", BASELINE_CHILD, json.dumps(spec)],
+                env=dict(os.environ, PYTHONPATH=str(tree_dir)),
+                cwd=tree_dir,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
             )
-    base = [r["tok_s"] for r in results[args.baseline]]
+        try:
+            for name, child in children.items():
+                for line in child.stdout:  # skip anything printed before the handshake
+                    if line.strip() == "ready":
+                        break
+                else:
+                    raise SystemExit(f"{name} failed to start (see its error output above)")
+            times = {name: [] for name in sides}
+            loads = []
+            for _ in range(args.reps * args.steps):
+                for name, child in children.items():
+                    child.stdin.write("step\n")
+                    child.stdin.flush()
+                    seconds, load = json.loads(child.stdout.readline())
+                    times[name].append(seconds)
+                    loads.append(load)
+        finally:
+            for child in children.values():
+                child.stdin.close()
+                child.wait()
+    cfg = load_config(args.preset, overrides)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
     what = args.shape or args.preset
-    print(f"{what}, Trainer step, tokens/s (median of {args.reps} rounds of child processes):")
+    n = args.reps * args.steps
+    print(
+        f"{what} ({tokens} tokens/step), Trainer steps interleaved across three resident child "
+        f"processes, {n} steps each; load {min(loads):.2f}-{max(loads):.2f}:"
+    )
+    base = times[args.baseline]
     for name in sides:
-        mine = [r["tok_s"] for r in results[name]]
-        ratio = statistics.median(m / b for m, b in zip(mine, base))
-        print(f"  {name:18s} {statistics.median(mine):7.0f} tok/s   {ratio:.2f}x {args.baseline}")
+        ratio = statistics.median(b / m for m, b in zip(times[name], base))
+        rate = tokens / statistics.median(times[name])
+        print(f"  {name:18s} {rate:7.0f} tok/s   {ratio:.2f}x {args.baseline} (median of paired)")
 
 
 def main() -> None:
@@ -380,7 +389,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), help="--baseline: a bench shape instead")
     parser.add_argument("--batch", type=int, default=2, help="--baseline --shape: batch size")
     parser.add_argument("--seq", type=int, default=256, help="--baseline --shape: sequence length")
-    parser.add_argument("--steps", type=int, default=5, help="--baseline: timed steps per child")
+    parser.add_argument("--steps", type=int, default=5, help="--baseline: steps per rep")
     args = parser.parse_args()
     if args.baseline:
         print(f"BLAS: {blas_in_use()}")

@@ -14,7 +14,10 @@ compiled step, not from isolated ops:
     by a cheap stand-in of the same shapes (the matmuls around it kept), and its share is the time
     that saves;
   - other: the rest (norms, RoPE, residuals, embedding, copies, optimizer, framework).
-All variants run round-robin in one process (this machine drifts 20-30%); medians.
+All variants run round-robin in one process (this machine drifts 20-30%); medians. Times are
+the process's CPU time with one OpenBLAS thread (default): on a shared 2-core machine that is
+the work a step costs, much less sensitive to the other jobs than wall time, which is printed
+too.
 """
 
 from __future__ import annotations
@@ -92,18 +95,15 @@ class SgemmTimer:
             self.lib.sgemm_timer_reset()
 
     def entries(self) -> list[tuple[int, ...]]:
+        """(m, n, k, trans_a, trans_b, calls, wall ns, CPU ns) per distinct call shape."""
         if not self.lib:
             return []
-        out = (ctypes.c_longlong * 7)()
+        out = (ctypes.c_longlong * 8)()
         rows = []
         for i in range(self.lib.sgemm_timer_count()):
             self.lib.sgemm_timer_entry(i, out)
             rows.append(tuple(out))
         return rows
-
-    def seconds(self) -> float | None:
-        rows = self.entries()
-        return sum(r[6] for r in rows) / 1e9 if self.lib else None
 
 
 def hidden_states(model: Model, x: mx.array) -> mx.array:
@@ -199,10 +199,18 @@ def model_flops(cfg, tokens: int) -> float:
     return 6 * linear * tokens + 3 * attention
 
 
+def set_blas_threads(threads: int) -> None:
+    try:
+        ctypes.CDLL(None).openblas_set_num_threads(threads)
+    except AttributeError:
+        pass
+
+
 def profile(args) -> None:
     cfg = load_config(args.preset)
     batch, seq = cfg.train.batch_size, cfg.train.seq_len
     tokens = batch * seq
+    set_blas_threads(args.threads)
     rng = np.random.default_rng(0)
     x = mx.array(rng.integers(0, cfg.model.vocab_size, (batch, seq)))
     y = mx.array(rng.integers(0, cfg.model.vocab_size, (batch, seq)))
@@ -223,33 +231,48 @@ def profile(args) -> None:
     for _ in range(2):
         for run in runs.values():
             run()
-    times = {key: [] for key in runs}
+    wall = {key: [] for key in runs}
+    cpu = {key: [] for key in runs}
     blas = {side: [] for side in sides}
     shapes = {side: {} for side in sides}
     for _ in range(args.reps):
         for key, run in runs.items():
             timer.reset()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run()
-            times[key].append(time.perf_counter() - start)
+            cpu[key].append(time.process_time() - start_cpu)
+            wall[key].append(time.perf_counter() - start)
             if key[1] == "full" and timer.lib:
-                blas[key[0]].append(timer.seconds())
-                for m, n, k, ta, tb, calls, ns in timer.entries():
-                    shapes[key[0]].setdefault((m, n, k, ta, tb, calls), []).append(ns)
+                rows = timer.entries()
+                blas[key[0]].append(sum(r[7] for r in rows) / 1e9)
+                for m, n, k, ta, tb, calls, _, cpu_ns in rows:
+                    shapes[key[0]].setdefault((m, n, k, ta, tb, calls), []).append(cpu_ns)
 
-    full = {side: statistics.median(times[side, "full"]) for side in sides}
-    speedup = statistics.median(
-        a / b for a, b in zip(times["plain", "full"], times["kernels", "full"])
+    def paired(samples):
+        return statistics.median(
+            a / b for a, b in zip(samples["plain", "full"], samples["kernels", "full"])
+        )
+
+    full = {side: statistics.median(cpu[side, "full"]) for side in sides}
+    full_wall = {side: statistics.median(wall[side, "full"]) for side in sides}
+    print(
+        f"BLAS: {blas_in_use()}, {args.threads} thread(s); preset {args.preset}: batch {batch} x "
+        f"{seq}; {args.reps} rounds of {len(runs)} steps, round-robin"
     )
-    print(f"BLAS: {blas_in_use()}; preset {args.preset}: batch {batch} x {seq}; {args.reps} rounds")
     print(f"load average before/after: {args.load} / {os.getloadavg()[0]:.2f}")
     print(
-        f"whole step: plain {full['plain'] * 1e3:.0f} ms ({tokens / full['plain']:.0f} tok/s), "
-        f"kernels {full['kernels'] * 1e3:.0f} ms ({tokens / full['kernels']:.0f} tok/s); "
-        f"speed-up {speedup:.2f}x (median of paired ratios)"
+        f"whole step, wall: plain {full_wall['plain'] * 1e3:.0f} ms "
+        f"({tokens / full_wall['plain']:.0f} tok/s), kernels {full_wall['kernels'] * 1e3:.0f} ms "
+        f"({tokens / full_wall['kernels']:.0f} tok/s); speed-up {paired(wall):.2f}x"
+    )
+    print(
+        f"whole step, CPU time: plain {full['plain'] * 1e3:.0f} ms, kernels "
+        f"{full['kernels'] * 1e3:.0f} ms; speed-up {paired(cpu):.2f}x (medians of paired ratios)"
     )
     print()
-    print("| op family (forward + backward, in the step) | plain ms | share | kernels ms | share |")
+    print("CPU time per step by op family (forward + backward, inside the compiled step):")
+    print()
+    print("| op family | plain ms | share | kernels ms | share |")
     print("| --- | --- | --- | --- | --- |")
     rows, accounted = [], {side: 0.0 for side in sides}
     if timer.lib:
@@ -257,7 +280,7 @@ def profile(args) -> None:
         rows.append(("matmuls (cblas_sgemm: blocks, attention, head)", ms))
     for name in ablations:
         ms = {
-            side: statistics.median(a - b for a, b in zip(times[side, "full"], times[side, name]))
+            side: statistics.median(a - b for a, b in zip(cpu[side, "full"], cpu[side, name]))
             for side in sides
         }
         rows.append((name, ms))
@@ -280,11 +303,12 @@ def profile(args) -> None:
     print()
     print(
         f"model FLOPs per step {flops / 1e9:.1f} G: plain {flops / full['plain'] / 1e9:.1f} "
-        f"GFLOP/s, kernels {flops / full['kernels'] / 1e9:.1f} GFLOP/s"
+        f"GFLOP/s, kernels {flops / full['kernels'] / 1e9:.1f} GFLOP/s (per CPU second)"
     )
     if timer.lib:
         print()
-        print("matmul calls of one kernels step (median ns per shape):")
+        print("matmul calls of one kernels step (median CPU time per shape):")
+        print()
         print("| M x N x K | trans A, B | calls | ms | GFLOP/s |")
         print("| --- | --- | --- | --- | --- |")
         total_flops = 0.0
@@ -339,6 +363,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="OpenBLAS threads (1: CPU time is the work done)"
+    )
     parser.add_argument("--exactness", action="store_true")
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()

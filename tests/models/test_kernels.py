@@ -153,3 +153,11 @@ def test_installed_architecture_has_the_kernels_and_a_standalone_copy_does_not()
     mx.random.seed(0)
     model = standalone.Model(standalone.ModelArgs(**vars(tiny_args())))
     assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 300)
+
+
+def test_causal_attention_bfloat16_close_to_fast_sdpa():
+    q, k, v = (mx.random.normal((2, h, 16, 8)).astype(mx.bfloat16) for h in (4, 2, 2))
+    mine = kernels.causal_attention(q, k, v, 8**-0.5)
+    plain = mx.fast.scaled_dot_product_attention(q, k, v, scale=8**-0.5, mask="causal")
+    assert mine.dtype == mx.bfloat16
+    assert close(mine.astype(mx.float32), plain.astype(mx.float32), tol=2e-2)
