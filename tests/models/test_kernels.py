@@ -129,6 +129,10 @@ def test_kernels_decline_what_they_do_not_cover():
         mask = mx.ones((4, 4), dtype=mx.bool_)
         assert kernels.attention_kernel(q, k, v, cache=None, scale=1.0, mask=mask) is None
         assert kernels.attention_kernel(q, k, v, cache=None, scale=1.0, mask="causal") is not None
+        decoding = mx.ones((1, 1, 64))  # one token: the plain ops' cheaper dispatch wins
+        assert kernels.swiglu_kernel(decoding, decoding) is None
+        prefill = mx.ones((1, kernels.SMALL_ROWS, 64))
+        assert kernels.swiglu_kernel(prefill, prefill) is not None
     with kernels.forced(False):
         assert kernels.attention_kernel(q, k, v, cache=None, scale=1.0, mask="causal") is None
         assert kernels.swiglu_kernel(q, k) is None
