@@ -44,6 +44,24 @@ BYTE_SYMBOLS = 257
 BYTE_NORM_EPS = 1e-6  # STLM's RMSNorm epsilon in the byte transformers
 # Small modules every token passes through, where rounding error compounds: never quantized.
 FLOAT_MODULES = ("embed_generator", "embed_bytes", "byte_head")
+# Optional faster kernels, by name ("attention", "swiglu"). appleslm fills this with its CPU
+# training kernels (appleslm/models/kernels.py); a kernel returns None to decline a call. Loaded
+# by stock mlx-lm without appleslm, the table stays empty and the plain ops below run.
+KERNELS: dict = {}
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: float, mask: Any):
+    kernel = KERNELS.get("attention")
+    out = kernel(q, k, v, cache=cache, scale=scale, mask=mask) if kernel else None
+    if out is None:
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
+    return out
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    kernel = KERNELS.get("swiglu")
+    out = kernel(gate, up) if kernel else None
+    return nn.silu(gate) * up if out is None else out
 
 
 @dataclass
@@ -290,7 +308,7 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        out = attention(q, k, v, cache, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -303,7 +321,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> tuple[mx.array, None]:
         # Every FFN returns (output, router logits), so MoE statistics need no side channel.
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x)), None
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x))), None
 
 
 def top_k_experts(router_logits: mx.array, k: int) -> mx.array:
