@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +13,12 @@ import mlx.nn as nn
 from mlx_lm.utils import compute_bits_per_weight, quantize_model
 
 from appleslm.config import ConfigError
-from appleslm.evaluate.perplexity import eval_window, evaluate_tokens, held_out_tokens
+from appleslm.evaluate.perplexity import (
+    eval_window,
+    evaluate_tokens,
+    fast_for_evaluation,
+    held_out_tokens,
+)
 from appleslm.io.files import ModelDirError, Quality, QuantRecord, read_config, read_provenance
 from appleslm.io.model_dir import (
     check_output_dir,
@@ -40,6 +48,9 @@ class QuantReport:
     ppl_before: float | None = None
     ppl_after: float | None = None
     eval_tokens: int = 0
+    eval_window: int = 0
+    measured_on: str = ""  # which text the perplexities are of, for people
+    recorded: Quality | None = None  # the float model's own record, from its training
 
     @property
     def ppl_change(self) -> float | None:
@@ -87,7 +98,12 @@ def quantize(
     eval_text: str | None = None,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
 ) -> QuantReport:
+    """Quantize `model_spec` into `out_dir`, measuring the perplexity before and after on
+    `eval_text` or the model's own held-out data. `progress` None: bars on a terminal only."""
+    progress = sys.stderr.isatty() if progress is None else progress
     if bits not in BITS or group_size not in GROUP_SIZES or recipe not in RECIPES:
         raise ConfigError(
             f"bits must be one of {BITS}, group size one of {GROUP_SIZES}, recipe one of {RECIPES}"
@@ -98,16 +114,30 @@ def quantize(
     if "quantization" in config:
         raise ModelDirError(f"{model_dir} is already quantized; quantize the float model")
     model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
+    if eval_text is None:
+        log("rebuilding the held-out split of the model's training data...")
     tokens = held_out_tokens(model_dir, tokenizer, eval_text, EVAL_TOKENS)
     seq_len = eval_window(model)
-    before = evaluate_tokens(model, tokens, seq_len) if tokens is not None else None
+    measured_on = "the given text" if eval_text else "held-out documents of the training data"
 
+    def perplexity(which: str) -> dict[str, Any] | None:
+        if tokens is None:
+            return None
+        log(f"measuring the {which} model on {len(tokens):,} tokens of {measured_on}...")
+        # A copy with the same weight values in the device's fastest form: on the CPU, MLX's
+        # quantized kernels are an order of magnitude slower than dequantized float32.
+        fast = fast_for_evaluation(copy.deepcopy(model))
+        return evaluate_tokens(fast, tokens, seq_len, progress=progress)
+
+    before = perplexity("float")
     skipped = ungroupable(model, group_size)
     predicate = quant_predicate(model, bits, group_size, recipe)
+    log(f"quantizing to {bits} bits (groups of {group_size}, recipe {recipe})...")
     model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
-    after = evaluate_tokens(model, tokens, seq_len) if tokens is not None else None
+    after = perplexity("quantized")
 
     provenance = read_provenance(model_dir)
+    recorded = provenance.quality
     provenance.name = display_name(out_dir)
     provenance.base_model = model_reference(model_spec, model_dir)
     provenance.quantization = QuantRecord(
@@ -121,8 +151,7 @@ def quantize(
         eval_tokens=0 if tokens is None else len(tokens),
     )
     if after is not None:
-        split = "the given text" if eval_text else "held-out documents of the training data"
-        provenance.quality = Quality(after["loss"], after["ppl"], after["tokens"], split)
+        provenance.quality = Quality(after["loss"], after["ppl"], after["tokens"], measured_on)
     out = save_model_dir(
         out_dir,
         model,
@@ -143,6 +172,9 @@ def quantize(
         before and before["ppl"],
         after and after["ppl"],
         0 if tokens is None else len(tokens),
+        seq_len,
+        measured_on,
+        recorded,
     )
 
 
@@ -157,8 +189,15 @@ def format_report(report: QuantReport) -> str:
     if report.ppl_before is not None:
         lines.append(
             f"  perplexity     {report.ppl_before:.3f} -> {report.ppl_after:.3f} "
-            f"({100 * report.ppl_change:+.2f}%) on {report.eval_tokens:,} tokens"
+            f"({100 * report.ppl_change:+.2f}%) on {report.eval_tokens:,} tokens of "
+            f"{report.measured_on}, in windows of {report.eval_window}"
         )
+        recorded = report.recorded
+        if recorded is not None and report.measured_on == recorded.split:
+            lines.append(
+                f"  (training recorded {recorded.ppl:.3f} on {recorded.tokens:,} held-out tokens "
+                "in its own training windows: other tokens, and less context per token)"
+            )
     else:
         lines.append("  perplexity     not measured (no --eval-text and no training data record)")
     for path in report.skipped:

@@ -2,6 +2,8 @@
 
   python scripts/bench_train.py            # all three comparisons, ~10M-parameter shapes
   python scripts/bench_train.py --quick    # ~1M shapes, for a smoke run
+  python scripts/bench_train.py --baseline 4e7e996 [--preset tiny | --shape 10m]
+                                           # the Trainer of another commit, side by side
 
 1. step:      one compiled AdamW step of our dense model vs `mlx_lm.models.llama.Model` at the same
               shape, dtype and batch (target: ours >= 1.0x).
@@ -10,6 +12,11 @@
 3. loop:      `appleslm train`'s Trainer step (data, accumulation, logging state) vs a plain loop
               around llama.Model on the same batches: tokens/s and peak memory (targets: >= 1.0x,
               <= 1.0x).
+4. baseline:  `appleslm train`'s Trainer step of the code of another commit (extracted with
+              `git archive` into a temporary directory, never a worktree) against this tree's, in
+              two resident child processes (each imports its own `appleslm`) that take one step
+              each in turn, so every step of one side has a neighbour of the other under the
+              same load; median of paired step-time ratios.
 Each comparison interleaves the two sides and reports the median of paired ratios, because this
 machine drifts by 20-30% between runs.
 """
@@ -17,8 +24,12 @@ machine drifts by 20-30% between runs.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from functools import partial
@@ -35,11 +46,13 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 
-from appleslm.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
+from appleslm.config import DataConfig, RunConfig, TrainConfig, load_config  # noqa: E402
 from appleslm.models import Model, ModelArgs, parameter_counts  # noqa: E402
 from appleslm.train.losses import model_batch, to_mx, token_loss  # noqa: E402
 from appleslm.train.pretrain import Pretraining  # noqa: E402
 from appleslm.train.trainer import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = {  # the ~10M and ~1M deep-thin shapes of shared/reference/perf-baselines.md
     "10m": dict(
@@ -224,13 +237,122 @@ def bench_loop(shape, dtype, batch_size, seq_len, reps):
         )
 
 
+BASELINE_CHILD = r"""
+import json, os, sys, tempfile, time
+from pathlib import Path
+from appleslm.config import load_config
+
+spec = json.loads(sys.argv[1])
+cfg = load_config(spec["preset"], spec["overrides"])
+with tempfile.TemporaryDirectory() as tmp:
+    run_dir = Path(tmp) / "run"
+    try:  # the one-trainer layout: a task and the Trainer that runs it
+        from appleslm.train.pretrain import Pretraining
+        from appleslm.train.trainer import Trainer
+
+        task = Pretraining(cfg, run_dir)
+        trainer = Trainer(task, cfg.train, run_dir, progress=False, log=lambda message: None)
+        step = lambda: trainer.train_step(task.step_batch(trainer.step))
+    except ImportError:  # before it: appleslm.train.loop's pretraining Trainer
+        from appleslm.train.loop import Trainer
+
+        step = Trainer(cfg, run_dir, progress=False, log=lambda message: None).train_step
+    for _ in range(spec["warmup"]):
+        step()
+    print("ready", flush=True)
+    for line in sys.stdin:  # one step per request: the parent interleaves the children
+        if line.strip() != "step":
+            break
+        start = time.perf_counter()
+        step()
+        print(json.dumps([time.perf_counter() - start, os.getloadavg()[0]]), flush=True)
+"""
+
+
+def extract_commit(commit: str, into: Path) -> Path:
+    """The tree of `commit` as plain files (git archive: no worktree, no repository change)."""
+    archive = into / "tree.tar"
+    with archive.open("wb") as out:
+        subprocess.run(["git", "-C", str(ROOT), "archive", commit], stdout=out, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into / "tree", filter="data")
+    return into / "tree"
+
+
+def bench_baseline(args) -> None:
+    """Two resident child processes, each with its own `appleslm`, stepping in turn."""
+    overrides = []
+    if args.shape:
+        shape = SHAPES[args.shape]
+        overrides = [f"model.{key}={value}" for key, value in shape.items()]
+        overrides += ["model.tie_word_embeddings=true", "model.max_position_embeddings=512"]
+        overrides += [f"train.batch_size={args.batch}", f"train.seq_len={args.seq}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = extract_commit(args.baseline, Path(tmp))
+        sides = {args.baseline: tree, "current": ROOT}
+        children = {}
+        for name, tree_dir in sides.items():
+            spec = dict(preset=args.preset, overrides=overrides, warmup=2)
+            children[name] = subprocess.Popen(
+                [sys.executable, "-c", BASELINE_CHILD, json.dumps(spec)],
+                env=dict(os.environ, PYTHONPATH=str(tree_dir)),
+                cwd=tree_dir,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        try:
+            for name, child in children.items():
+                for line in child.stdout:  # skip anything printed before the handshake
+                    if line.strip() == "ready":
+                        break
+                else:
+                    raise SystemExit(f"{name} failed to start (see its error output above)")
+            times = {name: [] for name in sides}
+            loads = []
+            for _ in range(args.reps * args.steps):
+                for name, child in children.items():
+                    child.stdin.write("step\n")
+                    child.stdin.flush()
+                    seconds, load = json.loads(child.stdout.readline())
+                    times[name].append(seconds)
+                    loads.append(load)
+        finally:
+            for child in children.values():
+                child.stdin.close()
+                child.wait()
+    cfg = load_config(args.preset, overrides)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    what = args.shape or args.preset
+    n = args.reps * args.steps
+    print(
+        f"{what} ({tokens} tokens/step), Trainer steps interleaved across two resident child "
+        f"processes, {n} steps each; load {min(loads):.2f}-{max(loads):.2f}:"
+    )
+    base = times[args.baseline]
+    for name in sides:
+        ratio = statistics.median(b / m for m, b in zip(times[name], base))
+        rate = tokens / statistics.median(times[name])
+        print(f"  {name:18s} {rate:7.0f} tok/s   {ratio:.2f}x {args.baseline} (median of paired)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~1M shapes")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--only", choices=["step", "generator", "loop"])
+    parser.add_argument("--baseline", metavar="COMMIT", help="compare Trainers with this commit")
+    parser.add_argument("--preset", default="tiny", help="--baseline: the preset to train")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="--baseline: a bench shape instead")
+    parser.add_argument("--batch", type=int, default=2, help="--baseline --shape: batch size")
+    parser.add_argument("--seq", type=int, default=256, help="--baseline --shape: sequence length")
+    parser.add_argument("--steps", type=int, default=5, help="--baseline: steps per rep")
     args = parser.parse_args()
+    if args.baseline:
+        print(f"BLAS: {blas_in_use()}")
+        bench_baseline(args)
+        return
     shape = SHAPES["1m" if args.quick else "10m"]
     dtype = getattr(mx, args.dtype)
     batch_size, seq_len = (8, 128) if args.quick else (2, 256)

@@ -47,7 +47,50 @@ def refused(argv: list[str], capsys, *, names: str, untouched: list[Path]) -> st
     return err
 
 
-PRETRAINING_CASES = cases("train", TrainConfig) + cases("data", DataConfig)
+# The architecture file checks its own fields (it imports nothing of appleslm's): by hand.
+MODEL_CASES = [
+    (f"model.{key}", value)
+    for key, values in {
+        "vocab_size": [0, -1, "abc"],
+        "hidden_size": [0, 1.5],
+        "num_hidden_layers": [0],
+        "layer_repeat": [0],
+        "num_attention_heads": [0, -1, 3],  # 3 does not divide hidden_size 128
+        "num_key_value_heads": [0, 3],
+        "head_dim": [0],
+        "intermediate_size": [0],
+        "rms_norm_eps": [0, -1e-5, ".nan"],
+        "rope_theta": [0, ".inf"],
+        "max_position_embeddings": [0],
+        "embedding": ["pixels"],
+        "head": ["pixels"],
+        "num_experts": [1, -2],
+        "num_experts_per_tok": [0],
+        "router_aux_loss_coef": [-1, ".nan"],
+        "router_z_loss_coef": [-1],
+        "generator_d_seed": [0],
+        "generator_digits": [0],
+        "generator_heads": [0],
+        "generator_knots": [1],
+        "generator_rank": [0],
+        "byte_slots": [0],
+        "byte_embedding_dim": [0],
+        "byte_encoder_heads": [0, 3],
+        "byte_encoder_widths": ["[0]"],
+        "byte_encoder_ffn": ["[512]"],
+        "byte_embedding_mode": ["bogus"],
+        "byte_head_width": [0],
+        "byte_head_layers": [0],
+        "byte_head_ffn": [0],
+        "byte_head_heads": [0, 3],
+        "byte_head_loss": ["bogus"],
+        "init_std": [0, -0.02],
+        "tie_word_embeddings": ["maybe"],
+        "share_ffn": ["maybe"],
+    }.items()
+    for value in values
+]
+PRETRAINING_CASES = cases("train", TrainConfig) + cases("data", DataConfig) + MODEL_CASES
 PRETRAINING_CASES += [  # types and names the rule tables do not cover
     ("train.compile", "maybe"),
     ("train.dtype", 16),
@@ -250,7 +293,12 @@ def test_other_commands_refuse_bad_arguments(argv, names, tiny_model_dir, tmp_pa
 
 
 def test_the_rule_tables_cover_every_numeric_setting():
-    """A numeric setting without a rule would escape the tests above."""
+    """A numeric setting without a rule (or, for the model, a row) would escape the tests."""
+    from appleslm.models import ModelArgs
+
+    model_keys = {key.split(".")[1] for key, _ in MODEL_CASES}
+    fields = {f.name for f in dataclasses.fields(ModelArgs) if f.name != "model_type"}
+    assert fields == model_keys, fields ^ model_keys
     for cls in (DataConfig, TrainConfig, SFTConfig):
         ranges, _ = cls.rules()
         hints = typing.get_type_hints(cls)

@@ -10,7 +10,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from appleslm.models import appleslm as _architecture
+from appleslm.models import kernels as _kernels
 from appleslm.models.appleslm import BYTE_PAD, LeviathanGenerator, Model, ModelArgs, digit_base
+
+# Our faster CPU training kernels for the installed architecture module (each switches itself
+# on by backend: see kernels.enabled()); a model directory's own copy runs the plain ops.
+_kernels.install(_architecture.KERNELS)
 
 __all__ = [
     "LeviathanGenerator",

@@ -44,6 +44,24 @@ BYTE_SYMBOLS = 257
 BYTE_NORM_EPS = 1e-6  # STLM's RMSNorm epsilon in the byte transformers
 # Small modules every token passes through, where rounding error compounds: never quantized.
 FLOAT_MODULES = ("embed_generator", "embed_bytes", "byte_head")
+# Optional faster kernels, by name ("attention", "swiglu"). appleslm fills this with its CPU
+# training kernels (appleslm/models/kernels.py); a kernel returns None to decline a call. Loaded
+# by stock mlx-lm without appleslm, the table stays empty and the plain ops below run.
+KERNELS: dict = {}
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: float, mask: Any):
+    kernel = KERNELS.get("attention")
+    out = kernel(q, k, v, cache=cache, scale=scale, mask=mask) if kernel else None
+    if out is None:
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
+    return out
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    kernel = KERNELS.get("swiglu")
+    out = kernel(gate, up) if kernel else None
+    return nn.silu(gate) * up if out is None else out
 
 
 @dataclass
@@ -91,6 +109,7 @@ class ModelArgs(BaseModelArgs):
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        self._check_positive()
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -139,6 +158,22 @@ class ModelArgs(BaseModelArgs):
         self._check_experts()
         self._check_byte_transformers()
 
+    def _check_positive(self) -> None:
+        """The sizes and scales every shape and the arithmetic below rely on."""
+        for name in ("num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"head_dim must be at least 1, got {self.head_dim}")
+        for name in ("rms_norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be at least 0, got {value}")
+
     def _check_tying(self) -> None:
         if self.embedding == "leviathan":
             raise ValueError(
@@ -161,9 +196,6 @@ class ModelArgs(BaseModelArgs):
                 f"num_experts_per_tok {self.num_experts_per_tok} must be at most num_experts "
                 f"{self.num_experts}"
             )
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
 
     def _check_byte_transformers(self) -> None:
         self.byte_encoder_widths = list(self.byte_encoder_widths)
@@ -276,7 +308,7 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        out = attention(q, k, v, cache, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -289,7 +321,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> tuple[mx.array, None]:
         # Every FFN returns (output, router logits), so MoE statistics need no side channel.
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x)), None
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x))), None
 
 
 def top_k_experts(router_logits: mx.array, k: int) -> mx.array:
