@@ -45,6 +45,39 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"model: {result.model_dir}   try: {hint('generate', result.model_dir)} --prompt 'The'")
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    from appleslm.config import DistillConfig, build_dataclass
+    from appleslm.train.distill import distill
+
+    values = {"temperature": args.temperature, "ce_weight": args.ce_weight}
+    settings = build_dataclass(
+        DistillConfig, {k: v for k, v in values.items() if v is not None}, "distill"
+    )
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    result = distill(
+        args.teacher,
+        args.out,
+        config=args.student,
+        overrides=overrides,
+        settings=settings,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    if result.interrupted:
+        return
+    if result.val_loss is not None:
+        print(
+            f"student validation loss {result.val_loss:.4f}, perplexity {result.val_ppl:.2f} "
+            f"after {result.tokens_seen:,} tokens"
+        )
+    print(
+        f"model: {result.model_dir}   try: {hint('generate', args.teacher)} --draft "
+        f"{result.model_dir} --prompt 'The'"
+    )
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from appleslm.train.sweep import run_sweep
 
@@ -389,6 +422,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "distill", help="train a small student to match a teacher's next-token distribution"
+    )
+    p.add_argument("teacher", help="the teacher: a model directory or Hub repo id")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the student")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--student", default="tiny", help="the student's preset or YAML (default tiny)")
+    p.add_argument("--temperature", type=float, help="softmax temperature of the KL (default 2)")
+    p.add_argument(
+        "--ce-weight",
+        type=float,
+        help="share of plain cross-entropy in the loss, 0 to 1 (default 0: KL only)",
+    )
+    p.add_argument("--steps", type=int, help="optimizer steps (overrides train.steps)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sweep", help="train a ladder of runs (resumable, run by run)")
     p.add_argument("sweep", help="a sweep YAML file (see configs/sweeps/)")

@@ -169,8 +169,14 @@ class TrainConfig(LoopConfig):
     """Pretraining: the loop's settings and the length of the packed training windows."""
 
     seq_len: int = 256
+    init_from: str | None = None  # start from this model directory's weights (same architecture)
 
     RANGES = {"seq_len": AT_LEAST_1}
+
+    def check(self) -> None:
+        super().check()
+        if self.init_from is not None and not self.init_from.strip():
+            raise ValueError("init_from is empty")
 
 
 @dataclass
@@ -204,6 +210,18 @@ class SFTConfig(LoopConfig):
         "val_fraction": OPEN_FRACTION,
     }
     CHOICES = {"on_error": ("skip", "refuse")}
+
+
+@dataclass
+class DistillConfig(Checked):
+    """Distillation: the per-token loss is (1 - ce_weight) * T^2 * KL(teacher_T || student_T)
+    + ce_weight * cross-entropy, where _T are the softmaxes of the logits divided by the
+    temperature T (Hinton et al. 2015; the T^2 keeps the gradient's scale as T grows)."""
+
+    temperature: float = 2.0
+    ce_weight: float = 0.0
+
+    RANGES = {"temperature": POSITIVE, "ce_weight": FRACTION}
 
 
 @dataclass

@@ -256,3 +256,31 @@ def token_loss_sums(
         return mx.stop_gradient(total), count
     args = (flat_h, head_weight, flat_targets) + (() if flat_mask is None else (flat_mask,))
     return _fused(chunk, flat_mask is not None, head_grad)(*args)[0], count
+
+
+def distillation_loss(teacher: nn.Module, vocab: int, temperature: float, ce_weight: float):
+    """The training loss of a student distilled from `teacher` over the first `vocab` logits
+    (the shared tokenizer's ids; either model may pad its head beyond them): per predicted
+    token, (1 - ce_weight) * T^2 * KL(softmax(teacher / T) || softmax(student / T)) plus
+    ce_weight * the student's cross-entropy on the data, summed over `mask` if given. The KL is
+    mlx-lm's (`mlx_lm.tuner.losses.kl_div_loss`, as its DWQ distillation uses it); the teacher
+    is a constant of the step."""
+    from mlx_lm.tuner.losses import kl_div_loss
+
+    def loss(model: nn.Module, batch: Batch) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
+        inputs = batch["inputs"]
+        student = model(inputs, input_embeddings=input_embeddings(model, batch))
+        student = student[..., :vocab].astype(mx.float32)
+        target = mx.stop_gradient(teacher(inputs)[..., :vocab].astype(mx.float32))
+        per_token = (
+            (1 - ce_weight)
+            * temperature**2
+            * kl_div_loss(student / temperature, target / temperature)
+        )
+        if ce_weight:
+            ce = nn.losses.cross_entropy(student, batch["targets"], reduction="none")
+            per_token = per_token + ce_weight * ce
+        total, count = masked_sums(per_token, batch)
+        return total, count, {}
+
+    return loss

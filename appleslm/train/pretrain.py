@@ -33,6 +33,7 @@ class Pretraining:
     evaluate_first = False
     train_loss = staticmethod(training_loss)
     eval_loss = staticmethod(token_loss)
+    teacher: str | None = None  # the model a distillation matched (appleslm.train.distill)
 
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -65,6 +66,8 @@ class Pretraining:
         if rank != 0:
             self.data = prepare_data(cfg.data, cfg.model.vocab_size)
         self.model = build_model(cfg.model, self.data.tokenizer, log=log)
+        if tc.init_from is not None:
+            self.start_from(tc.init_from)
         self.micro_batch = tc.batch_size // (world * tc.grad_accum)
         self.batches = PackedBatches(
             self.data.train,
@@ -76,10 +79,29 @@ class Pretraining:
             world_size=world,
         )
 
+    def start_from(self, spec: str) -> None:
+        """The weights of the model directory `spec` (continued pretraining on new data)."""
+        from mlx.utils import tree_flatten
+
+        from appleslm.io.model_dir import load_model
+
+        if self.cfg.data.tokenizer is None:
+            raise ConfigError(
+                "train.init_from needs the tokenizer its model was trained with: set "
+                f"data.tokenizer={spec}"
+            )
+        start, _ = load_model(spec)
+        try:
+            self.model.load_weights(tree_flatten(start.parameters()), strict=True)
+        except ValueError as e:
+            raise ConfigError(
+                f"train.init_from {spec}: its weights do not fit the model config ({e})"
+            ) from None
+
     def describe(self) -> str:
         counts = parameter_counts(self.model)
         return (
-            f"pretraining {counts['params_total'] / 1e6:.2f}M parameters "
+            f"{self.kind} {counts['params_total'] / 1e6:.2f}M parameters "
             f"({counts['layers_executed']} blocks executed) on {len(self.data.train):,} "
             f"training / {len(self.data.val):,} validation tokens of "
             f"{describe_source(self.cfg.data.source)[0]}"
@@ -141,6 +163,7 @@ class Pretraining:
             processes=summary.processes,
             hardware=hardware(),
             seconds=round(summary.seconds, 1),
+            teacher=self.teacher,
             settings=dataclasses.asdict(cfg.train),
         )
         quality = None

@@ -156,3 +156,18 @@ def test_data_parallel_ranks_match_a_single_process_run(tmp_path, write_config):
     )
     assert "2 process(es)" in output
     assert_same_run(tmp_path / "single", tmp_path / "dp")
+
+
+def test_init_from_continues_from_a_models_weights(trained_model_dir, write_config, tmp_path):
+    from appleslm.cli import main
+
+    start = str(trained_model_dir)
+    config = write_config(steps=1, lr=1e-12, warmup_steps=0, eval_every=1, eval_batches=1)
+    argv = ["train", str(config), "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main([*argv, f"train.init_from={start}"]) == 2  # without its tokenizer: refused
+    assert main([*argv, f"train.init_from={start}", f"data.tokenizer={start}"]) == 0
+    before, after = final_weights(tmp_path / "run"), mx.load(str(Path(start) / "model.safetensors"))
+    assert all(mx.allclose(before[k], after[k], atol=1e-6).item() for k in after)
+    wide = write_config({"hidden_size": 64}, steps=1)
+    argv = ["train", str(wide), "--out", str(tmp_path / "wide"), "--no-progress"]
+    assert main([*argv, f"train.init_from={start}", f"data.tokenizer={start}"]) == 2
