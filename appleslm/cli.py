@@ -231,14 +231,26 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from appleslm_tui.app import CHAT_DEFAULTS, run_chat
 
     settings = sampling_settings(args, CHAT_DEFAULTS)
-    if args.model is None and (args.proxy or args.alpha is not None or args.draft):
+    if len(args.model) > 2:
+        raise GenerationError(
+            f"chat takes one model, or two for a side-by-side arena, not {len(args.model)}"
+        )
+    if not args.model and (args.proxy or args.alpha is not None or args.draft):
         raise GenerationError("--proxy and --draft need a MODEL to apply to")
-    run_chat(
-        None if args.model is None else model_choice(args),
-        system_prompt=args.system,
-        settings=settings,
-        trust_remote_code=args.trust_remote_code,
+    if args.one_at_a_time and len(args.model) != 2:
+        raise GenerationError("--one-at-a-time is for the arena: give two models")
+    options = dict(
+        system_prompt=args.system, settings=settings, trust_remote_code=args.trust_remote_code
     )
+    if len(args.model) == 2:
+        from appleslm_tui.arena import run_arena
+
+        # The flags make the second model: `chat base base --proxy E A` compares the two.
+        first, args.model = args.model
+        run_arena(first, model_choice(args), one_at_a_time=args.one_at_a_time, **options)
+        return
+    args.model = args.model[0] if args.model else None
+    run_chat(None if args.model is None else model_choice(args), **options)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -548,8 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_chat_data)
 
-    p = sub.add_parser("chat", help="chat with a model in the terminal UI")
-    p.add_argument("model", nargs="?", help="a model directory or Hub repo id (or pick in the app)")
+    p = sub.add_parser("chat", help="chat with a model in the terminal UI, or two side by side")
+    p.add_argument(
+        "model",
+        nargs="*",
+        help="a model directory or Hub repo id (or pick in the app); two: an arena, the same "
+        "prompt to both, where --proxy and --draft apply to the second",
+    )
     p.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -558,6 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default="", help="system prompt for new conversations")
     add_proxy_args(p)
     add_draft_args(p)
+    p.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="arena: the second reply starts when the first ends, so each speed is the model's "
+        "alone (default: both stream at once, a token of each in turn)",
+    )
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 

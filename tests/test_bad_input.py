@@ -284,6 +284,8 @@ def test_every_model_command_refuses_a_broken_model(
             "--alpha",
         ),
         (["chat", "--draft", "{model}"], "MODEL"),
+        (["chat", "{model}", "{model}", "{model}"], "two for a side-by-side arena"),
+        (["chat", "{model}", "--one-at-a-time"], "two models"),
     ],
 )
 def test_other_commands_refuse_bad_arguments(argv, names, tiny_model_dir, tmp_path, capsys):
