@@ -25,14 +25,18 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"  {key:22s} {value:>15,}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int | None:
     from appleslm.config import load_config
+    from appleslm.train.launch import data_parallel_procs, run_local_ranks
     from appleslm.train.pretrain import train
 
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(args.config, overrides)
+    procs = data_parallel_procs(args.procs, cfg.train.batch_size, cfg.train.grad_accum)
+    if procs > 1:
+        return run_local_ranks(procs, args.argv)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     if result.interrupted:
@@ -135,8 +139,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
 
 
-def cmd_sft(args: argparse.Namespace) -> None:
+def cmd_sft(args: argparse.Namespace) -> int | None:
     from appleslm.config import SFTConfig, build_dataclass, section_overrides
+    from appleslm.train.launch import data_parallel_procs, run_local_ranks
     from appleslm.train.sft import default_run_dir, sft
 
     names = ("lora_rank", "lora_layers", "steps", "batch_size", "lr", "max_seq_len", "seed")
@@ -144,6 +149,9 @@ def cmd_sft(args: argparse.Namespace) -> None:
     values.update(lora=args.lora, on_error=args.on_error)
     values.update(section_overrides(args.overrides, "sft"))
     cfg = build_dataclass(SFTConfig, values, "sft")
+    procs = data_parallel_procs(args.procs, cfg.batch_size, cfg.grad_accum)
+    if procs > 1:
+        return run_local_ranks(procs, args.argv)
     out = Path(args.out) if args.out else default_run_dir(args.model)
     result = sft(
         args.model,
@@ -298,6 +306,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_procs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--procs",
+        type=int,
+        help="local data-parallel processes (default: one per core on the CPU, 1 on a GPU)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="appleslm",
@@ -318,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps (overrides train.steps)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_procs_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="train a ladder of runs (resumable, run by run)")
@@ -414,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_procs_arg(p)
     p.add_argument("overrides", nargs="*", help="sft.key=value overrides, e.g. sft.grad_accum=2")
     p.set_defaults(func=cmd_sft)
 
@@ -525,11 +543,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what data-parallel ranks rerun
     from appleslm.errors import AppleslmError
+    from appleslm.train.launch import PEER_LOST, lost_a_peer
 
     try:
-        args.func(args)
+        return args.func(args) or 0
     except AppleslmError as e:
         print(f"appleslm {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except RuntimeError as e:
+        if lost_a_peer(e):  # the launcher reports the rank that went away
+            return PEER_LOST
+        raise

@@ -4,6 +4,8 @@
   python scripts/bench_train.py --quick    # ~1M shapes, for a smoke run
   python scripts/bench_train.py --baseline 4e7e996 [--preset tiny | --shape 10m]
                                            # the Trainer of another commit, side by side
+  python scripts/bench_train.py --baseline 4e7e996 --commands [--steps 40]
+                                           # whole `appleslm train` runs of both, alternating
 
 1. step:      one compiled AdamW step of our dense model vs `mlx_lm.models.llama.Model` at the same
               shape, dtype and batch (target: ours >= 1.0x).
@@ -17,6 +19,10 @@
               two resident child processes (each imports its own `appleslm`) that take one step
               each in turn, so every step of one side has a neighbour of the other under the
               same load; median of paired step-time ratios.
+   --commands: whole `appleslm train` runs instead, alternating between the two trees, each run
+              as its command runs by default (so this tree's with one data-parallel rank per
+              core on the CPU); tokens/s is the median of each run's own per-step records after
+              the warm-up steps, and the two loss curves are compared step by step.
 Each comparison interleaves the two sides and reports the median of paired ratios, because this
 machine drifts by 20-30% between runs.
 """
@@ -336,6 +342,39 @@ def bench_baseline(args) -> None:
         print(f"  {name:18s} {rate:7.0f} tok/s   {ratio:.2f}x {args.baseline} (median of paired)")
 
 
+def bench_commands(args) -> None:
+    overrides = ["train.log_every=1", f"train.eval_every={args.steps}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = extract_commit(args.baseline, Path(tmp))
+        sides = {args.baseline: tree, "current": ROOT}
+        rates = {name: [] for name in sides}
+        losses, loads = {}, []
+        for rep in range(args.reps):
+            for name, tree_dir in sides.items():
+                out = Path(tmp) / f"{name}-{rep}"
+                command = [sys.executable, "-m", "appleslm", "train", args.preset]
+                command += ["--out", str(out), "--steps", str(args.steps), "--no-progress"]
+                command += overrides
+                env = dict(os.environ, PYTHONPATH=str(tree_dir))
+                loads.append(os.getloadavg()[0])
+                subprocess.run(command, cwd=tree_dir, env=env, check=True, capture_output=True)
+                records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+                steps = [r for r in records if r["kind"] == "train"]
+                rates[name].append(statistics.median(r["tok_per_s"] for r in steps[3:]))
+                losses[name] = [r["loss"] for r in steps]
+    base = rates[args.baseline]
+    print(
+        f"{args.preset}: whole `appleslm train --steps {args.steps}` runs, {args.reps} of each "
+        f"side alternating; load {min(loads):.2f}-{max(loads):.2f}:"
+    )
+    for name in sides:
+        ratio = statistics.median(m / b for m, b in zip(rates[name], base))
+        rate = statistics.median(rates[name])
+        print(f"  {name:18s} {rate:7.0f} tok/s   {ratio:.2f}x {args.baseline} (median of paired)")
+    gap = max(abs(a - b) for a, b in zip(losses[args.baseline], losses["current"]))
+    print(f"  loss curves: largest difference over {args.steps} steps {gap:.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~1M shapes")
@@ -348,7 +387,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="--baseline --shape: batch size")
     parser.add_argument("--seq", type=int, default=256, help="--baseline --shape: sequence length")
     parser.add_argument("--steps", type=int, default=5, help="--baseline: steps per rep")
+    parser.add_argument(
+        "--commands", action="store_true", help="--baseline: whole `appleslm train` runs"
+    )
     args = parser.parse_args()
+    if args.baseline and args.commands:
+        print(f"BLAS: {blas_in_use()}")
+        bench_commands(args)
+        return
     if args.baseline:
         print(f"BLAS: {blas_in_use()}")
         bench_baseline(args)

@@ -4,9 +4,10 @@ A task says what differs: how its model is built, its batches and validation bat
 (as a sum and a count), what its checkpoints carry beyond the loop's own state, what its run record
 is, and how its final model directory is written. The loop owns everything else, once: the run
 directory and its resume rules, the compiled step with gradient accumulation, data parallelism over
-`mx.distributed` (launch the same command with `mlx.launch`; rank 0 writes everything), float32 or
-bfloat16, per-step seeding, the stop request, divergence checks, validation, checkpoints that
-survive `kill -9` and resume exactly, metrics, the progress bar and the loss plot.
+`mx.distributed` (`appleslm.train.launch` starts local ranks, `mlx.launch` remote ones; rank 0
+writes everything), float32 or bfloat16, per-step seeding, the stop request, divergence checks,
+validation, checkpoints that survive `kill -9` and resume exactly, metrics, the progress bar and
+the loss plot.
 """
 
 from __future__ import annotations
@@ -543,6 +544,8 @@ class Trainer:
                     val_loss = self.evaluate()
                     bar.unpause()  # the time spent validating is no part of the step rate
                     window_start = time.perf_counter()
+                if self.world > 1:  # all ranks stop at one step, whichever saw the signal
+                    stop.requested = self.all_sum(mx.array(float(stop.requested)))[0].item() > 0
                 if self.step % cfg.save_every == 0 or last or stop.requested:
                     pending = self.snapshot()
                 bar.update(1)

@@ -3,6 +3,7 @@ data parallel, and the saved model."""
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from appleslm.io.files import read_provenance
 from appleslm.io.model_dir import load_model
 from appleslm.train.checkpoint import latest_checkpoint
+from appleslm.train.launch import data_parallel_procs
 from tests.helpers import assert_same_run, final_weights, run_on_two_ranks, train_losses
 
 APPLESLM = [sys.executable, "-m", "appleslm"]
@@ -149,10 +151,50 @@ def test_trained_model_loads_everywhere_and_beats_chance(tmp_path, write_config,
 
 
 def test_data_parallel_ranks_match_a_single_process_run(tmp_path, write_config):
+    """On the CPU `train` runs one rank per core by default (two on a one-core machine here, so
+    the test always tests something); the global batch is split, the run is the same."""
     config = write_config(steps=6, eval_every=6, save_every=6)
-    train(config, tmp_path / "single")
+    train(config, tmp_path / "single", "--procs", "1")
+    procs = data_parallel_procs(None, batch_size=4, grad_accum=1)
+    default = [] if procs > 1 else ["--procs", "2"]
+    done = train(config, tmp_path / "dp", *default)
+    output = done.stdout + done.stderr
+    assert f"{max(procs, 2)} ranks in sync" in output and "Traceback" not in output
+    assert_same_run(tmp_path / "single", tmp_path / "dp")
+    # The path to other machines (mlx.launch) reaches the same run: its ranks start no ranks.
     output = run_on_two_ranks(
-        [*APPLESLM, "train", str(config), "--out", str(tmp_path / "dp"), "--no-progress"]
+        [*APPLESLM, "train", str(config), "--out", str(tmp_path / "launched"), "--no-progress"]
     )
     assert "2 process(es)" in output
-    assert_same_run(tmp_path / "single", tmp_path / "dp")
+    assert_same_run(tmp_path / "single", tmp_path / "launched")
+
+
+def rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of a launcher's child that runs data-parallel rank `rank` (Linux's /proc)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher and f"MLX_RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
+def test_a_failing_rank_ends_the_run_with_its_message(tmp_path, write_config):
+    config = write_config(steps=200, save_every=2, eval_every=1000)
+    process = start(config, tmp_path / "run", "--procs", "2")
+    wait_for_step(tmp_path / "run", 5, process)
+    other = rank_pid(process.pid, 1)
+    assert other is not None
+    os.kill(other, signal.SIGKILL)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert "data-parallel rank 1 was killed by SIGKILL" in output and "--resume" in output
+    assert "Traceback" not in output
+    assert rank_pid(process.pid, 0) is None  # rank 0 went with it, not left waiting
+    # What it saved is sound: the run resumes and finishes.
+    resumed = train(config, tmp_path / "run", "--resume", "--procs", "2", "--steps", "12")
+    assert "2 ranks in sync" in resumed.stdout + resumed.stderr
