@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from appleslm import __version__
 from appleslm.blas import reexec_with_openblas
 
 
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="appleslm",
         description="Train, quantize, chat with and share small language models with MLX.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="parameter counts of a config or preset")
     p.add_argument("config", help="a preset name (see configs/) or a YAML file")
@@ -525,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.command is None:  # bare `appleslm`: what it can do, as pip and mlx-lm answer
+        parser.print_help()
+        return 0
     from appleslm.errors import AppleslmError
 
     try:
