@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -43,7 +44,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             f"validation loss {result.val_loss:.4f}, perplexity {result.val_ppl:.2f} "
             f"after {result.tokens_seen:,} tokens"
         )
-    print(f"model: {result.model_dir}   try: {hint('generate', result.model_dir)} --prompt 'The'")
+    try_it = hint("generate", result.model_dir, "--prompt", "The")
+    print(f"model: {result.model_dir}   try: {try_it}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -53,7 +55,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     done = [r for r in runs if r.finished]
     print(f"{len(done)} of {len(runs)} runs finished")
     if done:
-        print("measure them: appleslm density " + " ".join(str(r.run_dir) for r in done))
+        print("measure them: " + hint("density", *(r.run_dir for r in done)))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -217,7 +219,7 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
     from appleslm.io.gguf import import_gguf
 
     out = import_gguf(args.file, args.out, overwrite=args.overwrite)
-    print(f"imported to {out}; chat with it: appleslm chat {out}")
+    print(f"imported to {out}; chat with it: {hint('chat', out)}")
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -257,15 +259,29 @@ def cmd_density(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2) if args.json else format_table(report))
 
 
-def hint(command: str, model_dir: Path | None) -> str:
+def program() -> str:
+    """How to run appleslm from this shell, as typed: `appleslm` when that is this installation
+    on PATH, else the venv's script or `python -m appleslm` (a venv that is not activated)."""
+    script = Path(sys.executable).parent / "appleslm"
+    on_path = shutil.which("appleslm")
+    if on_path and script.is_file() and Path(on_path).resolve() == script.resolve():
+        return "appleslm"
+    if script.is_file():
+        return shlex.quote(_short(script))
+    return shlex.join([_short(Path(sys.executable)), "-m", "appleslm"])
+
+
+def _short(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (`.venv/bin/appleslm`)."""
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def hint(*words: str | Path) -> str:
     """A command line for what to do next that works as typed, from this shell."""
-    program = Path(sys.argv[0])
-    prefix = (
-        "appleslm"
-        if shutil.which("appleslm") == str(program.resolve())
-        else (f"{Path(sys.executable).parent / 'appleslm'}")
-    )
-    return f"{prefix} {command} {model_dir}"
+    return " ".join([program(), *(shlex.quote(str(w)) for w in words)])
 
 
 SAMPLING_FLAGS = (
