@@ -36,7 +36,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    result = train(
+        cfg, out, resume=args.resume, progress=not args.no_progress, verbose=args.verbose
+    )
     if result.interrupted:
         return
     if result.val_loss is not None:
@@ -51,7 +53,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from appleslm.train.sweep import run_sweep
 
-    runs = run_sweep(args.sweep, out=args.out, only=args.only, progress=not args.no_progress)
+    runs = run_sweep(
+        args.sweep,
+        out=args.out,
+        only=args.only,
+        progress=not args.no_progress,
+        verbose=args.verbose,
+    )
     done = [r for r in runs if r.finished]
     print(f"{len(done)} of {len(runs)} runs finished")
     if done:
@@ -155,6 +163,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
         cfg,
         resume=args.resume,
         progress=not args.no_progress,
+        verbose=args.verbose,
         trust_remote_code=args.trust_remote_code,
     )
     if result.interrupted:
@@ -306,6 +315,11 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens_default: int | None
     p.add_argument("--seed", type=int, help="random seed for sampling")
 
 
+def add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    """`--verbose` of the training commands: their log names library paths (the BLAS) too."""
+    p.add_argument("--verbose", action="store_true", help="log the BLAS library's path too")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model directory or a Hugging Face Hub repo id")
     p.add_argument(
@@ -336,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps (overrides train.steps)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="train a ladder of runs (resumable, run by run)")
@@ -343,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the runs (default: the file's `out`)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_verbose_arg(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a text")
@@ -432,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose_arg(p)
     p.add_argument("overrides", nargs="*", help="sft.key=value overrides, e.g. sft.grad_accum=2")
     p.set_defaults(func=cmd_sft)
 

@@ -188,9 +188,15 @@ def variant_name(cfg: RunConfig) -> str:
 
 
 def train(
-    cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    verbose: bool = False,
 ) -> TrainResult:
-    """Pretrain `cfg` in `run_dir` (resuming its last checkpoint with `resume`)."""
-    return Trainer(
-        Pretraining(cfg, Path(run_dir)), cfg.train, run_dir, resume=resume, progress=progress
-    ).run()
+    """Pretrain `cfg` in `run_dir` (resuming its last checkpoint with `resume`); `verbose` logs
+    library paths too."""
+    task = Pretraining(cfg, Path(run_dir))
+    trainer = Trainer(task, cfg.train, run_dir, resume=resume, progress=progress, verbose=verbose)
+    return trainer.run()

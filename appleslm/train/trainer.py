@@ -213,9 +213,11 @@ class Trainer:
         *,
         resume: bool = False,
         progress: bool = True,
+        verbose: bool = False,
         log: Callable[[str], None] = tqdm.write,
     ):
         self.task, self.cfg, self.run_dir, self.progress = task, cfg, Path(run_dir), progress
+        self.verbose = verbose
         self.group = mx.distributed.init()
         self.rank, self.world = self.group.rank(), self.group.size()
         self.log = log if self.rank == 0 else (lambda message: None)
@@ -496,7 +498,8 @@ class Trainer:
         weights up (even to finite values) is thus never saved.
         """
         cfg = self.cfg
-        self.log(f"{self.task.describe()}; BLAS: {blas_in_use()}; {self.world} process(es)")
+        blas = blas_in_use(self.verbose)
+        self.log(f"{self.task.describe()}; BLAS: {blas}; {self.world} process(es)")
         if self.step == 0 and self.task.evaluate_first:
             self.val_loss_before = self.evaluate()
         evals = [r["val_loss"] for r in self.metrics.records() if r["kind"] == "eval"]
