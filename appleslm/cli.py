@@ -227,7 +227,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_import_gguf(args: argparse.Namespace) -> None:
     from appleslm.io.gguf import import_gguf
 
-    out = import_gguf(args.file, args.out, overwrite=args.overwrite)
+    out = import_gguf(args.file, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"imported to {out}; chat with it: {hint('chat', out)}")
 
 
@@ -497,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-gguf", help="convert a Llama-architecture GGUF to a model dir")
     p.add_argument("file", help="a .gguf file")
     p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument(
+        "--dtype",
+        default="keep",
+        help="keep (default): the file's quantization as MLX quantized weights, fastest on a "
+        "Mac; float16 or float32: dequantize (float32 is fastest on Linux's CPU backend)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_import_gguf)
 
