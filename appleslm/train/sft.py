@@ -223,6 +223,11 @@ class ChatTuning:
     def has_validation(self) -> bool:
         return bool(self.data.valid)
 
+    def eval_size(self) -> str:
+        valid = self.data.valid
+        assistant = sum(sum(c.mask) for c in valid)
+        return f"{len(valid):,} held-out conversations ({assistant:,} assistant tokens)"
+
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """This rank's share of every held-out conversation, sorted by length (less padding)."""
         valid = sorted(self.data.valid, key=lambda c: len(c.ids))[self.rank :: self.world]
