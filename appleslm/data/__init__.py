@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from appleslm.atomic import atomic_file
 from appleslm.data.batches import PackedBatches, iter_eval_batches, num_windows
@@ -28,7 +27,14 @@ from appleslm.data.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
-from appleslm.data.tokens import cache_root, cached_tokens, count_documents, split_mask, stable_hash
+from appleslm.data.tokens import (
+    cache_root,
+    cached_tokens,
+    count_documents,
+    notice,
+    split_mask,
+    stable_hash,
+)
 
 if TYPE_CHECKING:  # appleslm.config imports the model (and mlx); data must not depend on either
     from appleslm.config import DataConfig
@@ -66,7 +72,7 @@ def prepare_data(
     cfg: DataConfig,
     vocab_size: int,
     progress: bool | None = None,
-    log: Callable[[str], None] = tqdm.write,
+    log: Callable[[str], None] = notice,
 ) -> PreparedData:
     """Tokenizer and token arrays for `cfg`, from the cache when nothing changed.
 
@@ -103,7 +109,7 @@ def _trained_tokenizer(
     cfg: DataConfig,
     vocab_size: int,
     progress: bool | None = None,
-    log: Callable[[str], None] = tqdm.write,
+    log: Callable[[str], None] = notice,
 ) -> tuple[Tokenizer, str]:
     """Train on the training documents, or reuse the tokenizer trained for the same inputs."""
     key = stable_hash(

@@ -36,6 +36,11 @@ DEFAULT_CACHE_DIR = Path("~/.cache/appleslm/tokens")
 CHUNK_CHARS = 4_000_000  # characters per encode_batch call: big enough to keep all cores busy
 
 
+def notice(message: str) -> None:
+    """The default `log` of the slow data steps: stderr, so `--json` output stays clean."""
+    tqdm.write(message, file=sys.stderr)
+
+
 @dataclass
 class TokenCache:
     path: Path
@@ -92,7 +97,7 @@ def cached_tokens(
     seed: int,
     cache_dir: str | Path | None = None,
     progress: bool | None = None,
-    log: Callable[[str], None] = tqdm.write,
+    log: Callable[[str], None] = notice,
 ) -> TokenCache:
     """Tokenize `source` into the cache unless an entry for the same inputs exists; memory-map it.
 
