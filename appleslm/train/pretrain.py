@@ -17,7 +17,7 @@ import numpy as np
 from appleslm.blas import hardware
 from appleslm.config import ConfigError, RunConfig
 from appleslm.data import PreparedData, prepare_data
-from appleslm.data.batches import PackedBatches, iter_eval_batches
+from appleslm.data.batches import PackedBatches, eval_batch_count, iter_eval_batches
 from appleslm.data.corpus import describe_source
 from appleslm.data.tokenizer import save_tokenizer
 from appleslm.io.files import DataRecord, Provenance, Quality, TrainingRecord
@@ -59,11 +59,11 @@ class Pretraining:
         self.rank, self.world = rank, world
         # Rank 0 tokenizes first; the others then hit its cache instead of racing it.
         if rank == 0:
-            self.data = prepare_data(cfg.data, cfg.model.vocab_size)
+            self.data = prepare_data(cfg.data, cfg.model.vocab_size, log=log)
             save_tokenizer(self.data.tokenizer, self.run_dir / "tokenizer")
         sync()
         if rank != 0:
-            self.data = prepare_data(cfg.data, cfg.model.vocab_size)
+            self.data = prepare_data(cfg.data, cfg.model.vocab_size, log=log)
         self.model = build_model(cfg.model, self.data.tokenizer, log=log)
         self.micro_batch = tc.batch_size // (world * tc.grad_accum)
         self.batches = PackedBatches(
@@ -93,6 +93,13 @@ class Pretraining:
 
     def has_validation(self) -> bool:
         return len(self.data.val) > 0
+
+    def eval_size(self) -> str:
+        tc = self.cfg.train
+        per_rank, n_batches = eval_batch_count(
+            len(self.data.val), self.micro_batch, tc.seq_len, tc.eval_batches or None, self.world
+        )
+        return f"{per_rank * n_batches * self.world * tc.seq_len:,} held-out tokens"
 
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
         tc = self.cfg.train
@@ -188,9 +195,15 @@ def variant_name(cfg: RunConfig) -> str:
 
 
 def train(
-    cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    verbose: bool = False,
 ) -> TrainResult:
-    """Pretrain `cfg` in `run_dir` (resuming its last checkpoint with `resume`)."""
-    return Trainer(
-        Pretraining(cfg, Path(run_dir)), cfg.train, run_dir, resume=resume, progress=progress
-    ).run()
+    """Pretrain `cfg` in `run_dir` (resuming its last checkpoint with `resume`); `verbose` logs
+    library paths too."""
+    task = Pretraining(cfg, Path(run_dir))
+    trainer = Trainer(task, cfg.train, run_dir, resume=resume, progress=progress, verbose=verbose)
+    return trainer.run()

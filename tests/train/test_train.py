@@ -129,6 +129,29 @@ def test_a_run_directory_is_not_overwritten_without_resume(tmp_path, write_confi
     assert (tmp_path / "run" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_the_log_shows_library_paths_only_with_verbose(tmp_path, write_config):
+    config = write_config(steps=2)
+
+    def blas_line(*args: str) -> str:
+        done = train(config, tmp_path / f"run{len(args)}", *args)
+        return next(x for x in (done.stdout + done.stderr).splitlines() if "BLAS:" in x)
+
+    plain = blas_line().split("BLAS: ")[1].split(";")[0]
+    assert "/" not in plain
+    if plain == "OpenBLAS":
+        assert "BLAS: OpenBLAS (/" in blas_line("--verbose")
+
+
+def test_the_first_evaluation_is_announced_with_its_size(tmp_path, write_config):
+    done = train(write_config(steps=4, eval_every=2), tmp_path / "run")
+    lines = (done.stdout + done.stderr).splitlines()
+    notices = [i for i, line in enumerate(lines) if line.startswith("evaluating on")]
+    results = [i for i, line in enumerate(lines) if line.startswith("step ") and "loss" in line]
+    # eval_batches 2 x batch 4 x seq_len 32: announced once, before the first of two results
+    assert [lines[i] for i in notices] == ["evaluating on 256 held-out tokens..."]
+    assert len(results) == 2 and notices[0] < results[0]
+
+
 def test_trained_model_loads_everywhere_and_beats_chance(tmp_path, write_config, corpus_dir):
     config = write_config(steps=30)
     done = train(config, tmp_path / "run")
