@@ -7,6 +7,7 @@ and, at the end, `model/`: a model directory every other command (and stock mlx-
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from appleslm.config import ConfigError, RunConfig
 from appleslm.data import PreparedData, prepare_data
 from appleslm.data.batches import PackedBatches, eval_batch_count, iter_eval_batches
 from appleslm.data.corpus import describe_source
-from appleslm.data.tokenizer import save_tokenizer
+from appleslm.data.tokenizer import save_tokenizer, token_byte_lengths
 from appleslm.io.files import DataRecord, Provenance, Quality, TrainingRecord
 from appleslm.io.model_dir import save_model_dir
 from appleslm.models import Model, build_model, parameter_counts
@@ -113,6 +114,25 @@ class Pretraining:
         )
         return (model_batch(self.model, x, y) for x, y in batches)
 
+    def validation_bytes(self) -> tuple[int, int]:
+        """(target tokens, their UTF-8 bytes) of the validation batches every rank scores: what
+        turns the validation loss into bits per byte."""
+        tc = self.cfg.train
+        lengths = token_byte_lengths(self.data.tokenizer)
+        targets = [
+            y
+            for rank in range(self.world)
+            for _, y in iter_eval_batches(
+                self.data.val,
+                self.micro_batch,
+                tc.seq_len,
+                tc.eval_batches or None,
+                rank,
+                self.world,
+            )
+        ]
+        return sum(y.size for y in targets), sum(int(lengths[y].sum()) for y in targets)
+
     def state_dict(self) -> dict[str, Any]:
         return {"data": self.batches.state_dict()}
 
@@ -152,9 +172,12 @@ class Pretraining:
         )
         quality = None
         if summary.val_loss is not None:
+            tokens, text_bytes = self.validation_bytes()
+            bits = summary.val_loss * tokens / math.log(2)
             quality = Quality(
                 loss=summary.val_loss,
                 ppl=safe_exp(summary.val_loss),
+                bpb=bits / text_bytes if text_bytes else None,
                 tokens=summary.val_tokens,
                 split="held-out documents of the training data",
             )
