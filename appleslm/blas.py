@@ -56,8 +56,8 @@ def reexec_with_openblas(command: list[str] | None = None) -> None:
 
 
 def blas_in_use(verbose: bool = False) -> str:
-    """What MLX's float matmuls run on in this process, for the run's log (the library's full
-    path only when `verbose`)."""
+    """What MLX's float matmuls run on in this process, for the run's log: "OpenBLAS", with the
+    library's path only when `verbose`."""
     if sys.platform == "darwin":
         return "Metal GPU / Accelerate (macOS)"
     try:
@@ -68,7 +68,7 @@ def blas_in_use(verbose: bool = False) -> str:
     # numpy's wheel maps its own OpenBLAS too, under renamed symbols MLX cannot use: skip it.
     openblas = sorted(lib for lib in libraries if os.path.basename(lib).startswith("libopenblas"))
     if openblas:
-        return f"OpenBLAS ({openblas[0] if verbose else os.path.basename(openblas[0])})"
+        return f"OpenBLAS ({openblas[0]})" if verbose else "OpenBLAS"
     hint = "" if os.environ.get(SWITCH) == "reference" else "; apt install libopenblas0-pthread"
     return f"reference BLAS from the mlx-cpu wheel (slow{hint})"
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
+from appleslm import __version__
 from appleslm.blas import reexec_with_openblas
 
 
@@ -25,16 +27,22 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"  {key:22s} {value:>15,}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int | None:
     from appleslm.config import load_config
+    from appleslm.train.launch import data_parallel_procs, run_local_ranks
     from appleslm.train.pretrain import train
 
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(args.config, overrides)
+    procs = data_parallel_procs(args.procs, cfg.train.batch_size, cfg.train.grad_accum)
+    if procs > 1:
+        return run_local_ranks(procs, args.argv)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    result = train(
+        cfg, out, resume=args.resume, progress=not args.no_progress, verbose=args.verbose
+    )
     if result.interrupted:
         return
     if result.val_loss is not None:
@@ -42,12 +50,14 @@ def cmd_train(args: argparse.Namespace) -> None:
             f"validation loss {result.val_loss:.4f}, perplexity {result.val_ppl:.2f} "
             f"after {result.tokens_seen:,} tokens"
         )
-    print(f"model: {result.model_dir}   try: {hint('generate', result.model_dir)} --prompt 'The'")
+    try_it = hint("generate", result.model_dir, "--prompt", "The")
+    print(f"model: {result.model_dir}   try: {try_it}")
 
 
-def cmd_distill(args: argparse.Namespace) -> None:
+def cmd_distill(args: argparse.Namespace) -> int | None:
     from appleslm.config import DistillConfig, build_dataclass
-    from appleslm.train.distill import distill
+    from appleslm.train.distill import distill, student_config
+    from appleslm.train.launch import data_parallel_procs, run_local_ranks
 
     values = {"temperature": args.temperature, "ce_weight": args.ce_weight}
     settings = build_dataclass(
@@ -56,14 +66,18 @@ def cmd_distill(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
+    cfg = student_config(args.teacher, args.student, overrides)
+    procs = data_parallel_procs(args.procs, cfg.train.batch_size, cfg.train.grad_accum)
+    if procs > 1:
+        return run_local_ranks(procs, args.argv)
     result = distill(
         args.teacher,
+        cfg,
         args.out,
-        config=args.student,
-        overrides=overrides,
         settings=settings,
         resume=args.resume,
         progress=not args.no_progress,
+        verbose=args.verbose,
     )
     if result.interrupted:
         return
@@ -72,20 +86,24 @@ def cmd_distill(args: argparse.Namespace) -> None:
             f"student validation loss {result.val_loss:.4f}, perplexity {result.val_ppl:.2f} "
             f"after {result.tokens_seen:,} tokens"
         )
-    print(
-        f"model: {result.model_dir}   try: {hint('generate', args.teacher)} --draft "
-        f"{result.model_dir} --prompt 'The'"
-    )
+    try_it = hint("generate", args.teacher, "--draft", result.model_dir, "--prompt", "The")
+    print(f"model: {result.model_dir}   try: {try_it}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from appleslm.train.sweep import run_sweep
 
-    runs = run_sweep(args.sweep, out=args.out, only=args.only, progress=not args.no_progress)
+    runs = run_sweep(
+        args.sweep,
+        out=args.out,
+        only=args.only,
+        progress=not args.no_progress,
+        verbose=args.verbose,
+    )
     done = [r for r in runs if r.finished]
     print(f"{len(done)} of {len(runs)} runs finished")
     if done:
-        print("measure them: appleslm density " + " ".join(str(r.run_dir) for r in done))
+        print("measure them: " + hint("density", *(r.run_dir for r in done)))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -186,8 +204,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
 
 
-def cmd_sft(args: argparse.Namespace) -> None:
+def cmd_sft(args: argparse.Namespace) -> int | None:
     from appleslm.config import SFTConfig, build_dataclass, section_overrides
+    from appleslm.train.launch import data_parallel_procs, run_local_ranks
     from appleslm.train.sft import default_run_dir, sft
 
     names = ("lora_rank", "lora_layers", "steps", "batch_size", "lr", "max_seq_len", "seed")
@@ -195,6 +214,9 @@ def cmd_sft(args: argparse.Namespace) -> None:
     values.update(lora=args.lora, on_error=args.on_error)
     values.update(section_overrides(args.overrides, "sft"))
     cfg = build_dataclass(SFTConfig, values, "sft")
+    procs = data_parallel_procs(args.procs, cfg.batch_size, cfg.grad_accum)
+    if procs > 1:
+        return run_local_ranks(procs, args.argv)
     out = Path(args.out) if args.out else default_run_dir(args.model)
     result = sft(
         args.model,
@@ -203,6 +225,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
         cfg,
         resume=args.resume,
         progress=not args.no_progress,
+        verbose=args.verbose,
         trust_remote_code=args.trust_remote_code,
     )
     if result.interrupted:
@@ -308,8 +331,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_import_gguf(args: argparse.Namespace) -> None:
     from appleslm.io.gguf import import_gguf
 
-    out = import_gguf(args.file, args.out, overwrite=args.overwrite)
-    print(f"imported to {out}; chat with it: appleslm chat {out}")
+    out = import_gguf(args.file, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"imported to {out}; chat with it: {hint('chat', out)}")
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -349,15 +372,29 @@ def cmd_density(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2) if args.json else format_table(report))
 
 
-def hint(command: str, model_dir: Path | None) -> str:
+def program() -> str:
+    """How to run appleslm from this shell, as typed: `appleslm` when that is this installation
+    on PATH, else the venv's script or `python -m appleslm` (a venv that is not activated)."""
+    script = Path(sys.executable).parent / "appleslm"
+    on_path = shutil.which("appleslm")
+    if on_path and script.is_file() and Path(on_path).resolve() == script.resolve():
+        return "appleslm"
+    if script.is_file():
+        return shlex.quote(_short(script))
+    return shlex.join([_short(Path(sys.executable)), "-m", "appleslm"])
+
+
+def _short(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (`.venv/bin/appleslm`)."""
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def hint(*words: str | Path) -> str:
     """A command line for what to do next that works as typed, from this shell."""
-    program = Path(sys.argv[0])
-    prefix = (
-        "appleslm"
-        if shutil.which("appleslm") == str(program.resolve())
-        else (f"{Path(sys.executable).parent / 'appleslm'}")
-    )
-    return f"{prefix} {command} {model_dir}"
+    return " ".join([program(), *(shlex.quote(str(w)) for w in words)])
 
 
 SAMPLING_FLAGS = (
@@ -404,6 +441,11 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    """`--verbose` of the training commands: their log names library paths (the BLAS) too."""
+    p.add_argument("--verbose", action="store_true", help="log the BLAS library's path too")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model directory or a Hugging Face Hub repo id")
     p.add_argument(
@@ -413,12 +455,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_procs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--procs",
+        type=int,
+        help="local data-parallel processes (default: one per core on the CPU, 1 on a GPU)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="appleslm",
         description="Train, quantize, chat with and share small language models with MLX.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="parameter counts of a config or preset")
     p.add_argument("config", help="a preset name (see configs/) or a YAML file")
@@ -433,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps (overrides train.steps)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_procs_arg(p)
+    add_verbose_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -451,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps (overrides train.steps)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_procs_arg(p)
+    add_verbose_arg(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sweep", help="train a ladder of runs (resumable, run by run)")
@@ -458,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the runs (default: the file's `out`)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_verbose_arg(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a text")
@@ -550,6 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_procs_arg(p)
+    add_verbose_arg(p)
     p.add_argument("overrides", nargs="*", help="sft.key=value overrides, e.g. sft.grad_accum=2")
     p.set_defaults(func=cmd_sft)
 
@@ -640,6 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-gguf", help="convert a Llama-architecture GGUF to a model dir")
     p.add_argument("file", help="a .gguf file")
     p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument(
+        "--dtype",
+        default="keep",
+        help="keep (default): the file's quantization as MLX quantized weights, fastest on a "
+        "Mac; float16 or float32: dequantize (float32 is fastest on Linux's CPU backend)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_import_gguf)
 
@@ -703,11 +767,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.command is None:  # bare `appleslm`: what it can do, as pip and mlx-lm answer
+        parser.print_help()
+        return 0
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what data-parallel ranks rerun
     from appleslm.errors import AppleslmError
+    from appleslm.train.launch import PEER_LOST, lost_a_peer
 
     try:
-        args.func(args)
+        return args.func(args) or 0
     except AppleslmError as e:
         print(f"appleslm {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except RuntimeError as e:
+        if lost_a_peer(e):  # the launcher reports the rank that went away
+            return PEER_LOST
+        raise

@@ -4,6 +4,10 @@
   python scripts/bench_train.py --quick    # ~1M shapes, for a smoke run
   python scripts/bench_train.py --baseline 4e7e996 [--preset tiny | --shape 10m]
                                            # the Trainer of another commit, side by side
+  python scripts/bench_train.py --baseline 4e7e996 --commands [--steps 40]
+                                           # whole `appleslm train` runs of both, alternating
+  python scripts/bench_train.py --commands --anchor llama --shape 10m
+                                           # ... against a plain loop around llama.Model
 
 1. step:      one compiled AdamW step of our dense model vs `mlx_lm.models.llama.Model` at the same
               shape, dtype and batch (target: ours >= 1.0x).
@@ -17,6 +21,10 @@
               two resident child processes (each imports its own `appleslm`) that take one step
               each in turn, so every step of one side has a neighbour of the other under the
               same load; median of paired step-time ratios.
+   --commands: whole `appleslm train` runs instead, alternating between the two trees, each run
+              as its command runs by default (so this tree's with one data-parallel rank per
+              core on the CPU); tokens/s is the median of each run's own per-step records after
+              the warm-up steps, and the two loss curves are compared step by step.
 Each comparison interleaves the two sides and reports the median of paired ratios, because this
 machine drifts by 20-30% between runs.
 """
@@ -87,8 +95,8 @@ def mean_token_loss(model, batch):
     return total / count
 
 
-def compiled_step(model: nn.Module, loss):
-    optimizer = optim.AdamW(1e-3, weight_decay=0.1, bias_correction=True)
+def compiled_step(model: nn.Module, loss, lr: float = 1e-3):
+    optimizer = optim.AdamW(lr, weight_decay=0.1, bias_correction=True)
     optimizer.init(model.trainable_parameters())
     state = [model.state, optimizer.state]
     loss_and_grad = nn.value_and_grad(model, loss)
@@ -100,8 +108,10 @@ def compiled_step(model: nn.Module, loss):
         optimizer.update(model, grads)
         return value
 
-    def run(*batch):
-        mx.eval(step(*batch), state)
+    def run(*batch) -> float:
+        value = step(*batch)
+        mx.eval(value, state)
+        return value.item()
 
     return run
 
@@ -279,14 +289,18 @@ def extract_commit(commit: str, into: Path) -> Path:
     return into / "tree"
 
 
+def shape_overrides(args) -> list[str]:
+    """A bench shape as config overrides of the preset (none without --shape)."""
+    if not args.shape:
+        return []
+    overrides = [f"model.{key}={value}" for key, value in SHAPES[args.shape].items()]
+    overrides += ["model.tie_word_embeddings=true", "model.max_position_embeddings=512"]
+    return overrides + [f"train.batch_size={args.batch}", f"train.seq_len={args.seq}"]
+
+
 def bench_baseline(args) -> None:
     """Two resident child processes, each with its own `appleslm`, stepping in turn."""
-    overrides = []
-    if args.shape:
-        shape = SHAPES[args.shape]
-        overrides = [f"model.{key}={value}" for key, value in shape.items()]
-        overrides += ["model.tie_word_embeddings=true", "model.max_position_embeddings=512"]
-        overrides += [f"train.batch_size={args.batch}", f"train.seq_len={args.seq}"]
+    overrides = shape_overrides(args)
     with tempfile.TemporaryDirectory() as tmp:
         tree = extract_commit(args.baseline, Path(tmp))
         sides = {args.baseline: tree, "current": ROOT}
@@ -336,6 +350,75 @@ def bench_baseline(args) -> None:
         print(f"  {name:18s} {rate:7.0f} tok/s   {ratio:.2f}x {args.baseline} (median of paired)")
 
 
+def bench_commands(args) -> None:
+    # A warmup shorter than the run: since 4e7e996 one longer than the run is cut to fit it,
+    # which would change the baseline's learning rates and so its loss curve.
+    overrides = ["train.log_every=1", f"train.eval_every={args.steps}", "train.warmup_steps=5"]
+    overrides += shape_overrides(args)
+    what = args.shape or args.preset
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.anchor == "llama":
+            anchor = "llama loop"
+            sides = {anchor: [sys.executable, __file__, "--llama-child"], "current": None}
+            trees = {anchor: ROOT, "current": ROOT}
+        else:
+            anchor = args.baseline
+            trees = {anchor: extract_commit(args.baseline, Path(tmp)), "current": ROOT}
+            sides = dict.fromkeys(trees)
+        rates = {name: [] for name in sides}
+        losses, loads = {}, []
+        for rep in range(args.reps):
+            for name, child in sides.items():
+                out = Path(tmp) / f"{rep}-{name.replace(' ', '-')}"
+                train = [sys.executable, "-m", "appleslm", "train", args.preset]
+                command = list(child or [*train, "--out", str(out), "--no-progress"])
+                command += ["--steps", str(args.steps)] + ([] if child else overrides)
+                if child:
+                    command += ["--preset", args.preset, "--out", str(out), "--", *overrides]
+                env = dict(os.environ, PYTHONPATH=str(trees[name]))
+                loads.append(os.getloadavg()[0])
+                subprocess.run(command, cwd=trees[name], env=env, check=True, capture_output=True)
+                records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+                steps = [r for r in records if r["kind"] == "train"]
+                rates[name].append(statistics.median(r["tok_per_s"] for r in steps[3:]))
+                losses[name] = [r["loss"] for r in steps]
+    base = rates[anchor]
+    print(
+        f"{what}: whole runs of {args.steps} steps, {args.reps} of each side alternating "
+        f"(current: `appleslm train` as it runs by default); load {min(loads):.2f}-"
+        f"{max(loads):.2f}:"
+    )
+    for name in sides:
+        ratio = statistics.median(m / b for m, b in zip(rates[name], base))
+        rate = statistics.median(rates[name])
+        print(f"  {name:18s} {rate:7.0f} tok/s   {ratio:.2f}x {anchor} (median of paired)")
+    if args.baseline:  # the same model and recipe: the same curve
+        gap = max(abs(a - b) for a, b in zip(losses[anchor], losses["current"]))
+        print(f"  loss curves: largest difference over {args.steps} steps {gap:.2e}")
+
+
+def llama_child(args) -> None:
+    """One process training `llama.Model` of the config's shape on our batches with a plain
+    compiled AdamW loop (no accumulation, clipping or checkpoints), writing per-step records
+    as `appleslm train` does (metrics.jsonl in --out)."""
+    cfg = load_config(args.preset, args.overrides)
+    out = Path(args.out)
+    out.mkdir(parents=True)
+    task = Pretraining(cfg, out / "run")
+    Trainer(task, cfg.train, out / "run", progress=False, log=lambda message: None)
+    shape = {key: getattr(cfg.model, key) for key in SHAPES["10m"]}
+    model = llama.Model(llama_args(shape))
+    step = compiled_step(model, llama_loss, lr=cfg.train.lr)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    with (out / "metrics.jsonl").open("w") as metrics:
+        for _ in range(args.steps):
+            x, y = task.batches.next_batch()
+            start = time.perf_counter()
+            loss = step(mx.array(x), mx.array(y))
+            rate = tokens / (time.perf_counter() - start)
+            metrics.write(json.dumps({"kind": "train", "loss": loss, "tok_per_s": rate}) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~1M shapes")
@@ -348,7 +431,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="--baseline --shape: batch size")
     parser.add_argument("--seq", type=int, default=256, help="--baseline --shape: sequence length")
     parser.add_argument("--steps", type=int, default=5, help="--baseline: steps per rep")
+    parser.add_argument(
+        "--commands", action="store_true", help="--baseline: whole `appleslm train` runs"
+    )
+    parser.add_argument(
+        "--anchor",
+        choices=["llama"],
+        help="--commands: against a plain one-process loop around llama.Model instead",
+    )
+    parser.add_argument("--llama-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.llama_child:
+        llama_child(args)
+        return
+    if args.commands and (args.baseline or args.anchor):
+        print(f"BLAS: {blas_in_use()}")
+        bench_commands(args)
+        return
     if args.baseline:
         print(f"BLAS: {blas_in_use()}")
         bench_baseline(args)

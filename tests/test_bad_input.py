@@ -249,6 +249,7 @@ def test_every_model_command_refuses_a_broken_model(
         (["density", "{tmp}", "--sigma", "0"], "--sigma"),
         (["chat-data", "--out", "{tmp}/chat", "--val-fraction", "1.5"], "--val-fraction"),
         (["import-gguf", "{tmp}/missing.gguf", "--out", "{tmp}/m"], "missing.gguf"),
+        (["import-gguf", "{tmp}/missing.gguf", "--out", "{tmp}/m", "--dtype", "int8"], "--dtype"),
         (["sweep", "{tmp}/missing.yaml"], "missing.yaml"),
         (["info", "no-such-preset"], "no-such-preset"),
         (["push", "{model}", "not a repo id", "--dry-run"], "repo id"),

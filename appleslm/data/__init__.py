@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ from tokenizers import Tokenizer
 
 from appleslm.atomic import atomic_file
 from appleslm.data.batches import PackedBatches, iter_eval_batches, num_windows
-from appleslm.data.corpus import DataError, corpus_fingerprint, iter_documents
+from appleslm.data.corpus import DataError, corpus_fingerprint, describe_source, iter_documents
 from appleslm.data.tokenizer import (
     DEFAULT_CHAT_TEMPLATE,
     EOT,
@@ -26,7 +27,14 @@ from appleslm.data.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
-from appleslm.data.tokens import cache_root, cached_tokens, count_documents, split_mask, stable_hash
+from appleslm.data.tokens import (
+    cache_root,
+    cached_tokens,
+    count_documents,
+    notice,
+    split_mask,
+    stable_hash,
+)
 
 if TYPE_CHECKING:  # appleslm.config imports the model (and mlx); data must not depend on either
     from appleslm.config import DataConfig
@@ -60,15 +68,21 @@ class PreparedData:
     meta: dict[str, Any]  # source, fingerprint, token/doc counts, eot_id, cache_path, tokenizer
 
 
-def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool | None = None) -> PreparedData:
+def prepare_data(
+    cfg: DataConfig,
+    vocab_size: int,
+    progress: bool | None = None,
+    log: Callable[[str], None] = notice,
+) -> PreparedData:
     """Tokenizer and token arrays for `cfg`, from the cache when nothing changed.
 
     With `cfg.tokenizer` unset a byte-level BPE of `vocab_size` is trained on the training split
     only (so validation text stays unseen) and cached; otherwise the given tokenizer is loaded and
-    must fit in `vocab_size`.
+    must fit in `vocab_size`. `log` gets a notice before each slow step (training the tokenizer,
+    tokenizing the corpus), which happens once per corpus and tokenizer.
     """
     if cfg.tokenizer is None:
-        tokenizer, tok_source = _trained_tokenizer(cfg, vocab_size, progress)
+        tokenizer, tok_source = _trained_tokenizer(cfg, vocab_size, progress, log)
     else:
         tokenizer, tok_source = load_tokenizer_file(cfg.tokenizer), cfg.tokenizer
         n = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -78,14 +92,24 @@ def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool | None = None)
                 f"{vocab_size}; set model.vocab_size={n} (or larger)"
             )
     cache = cached_tokens(
-        cfg.source, cfg.text_field, tokenizer, cfg.val_fraction, cfg.seed, cfg.cache_dir, progress
+        cfg.source,
+        cfg.text_field,
+        tokenizer,
+        cfg.val_fraction,
+        cfg.seed,
+        cfg.cache_dir,
+        progress,
+        log,
     )
     meta = {**cache.meta, "tokenizer": tok_source}
     return PreparedData(tokenizer=tokenizer, train=cache.train, val=cache.val, meta=meta)
 
 
 def _trained_tokenizer(
-    cfg: DataConfig, vocab_size: int, progress: bool | None = None
+    cfg: DataConfig,
+    vocab_size: int,
+    progress: bool | None = None,
+    log: Callable[[str], None] = notice,
 ) -> tuple[Tokenizer, str]:
     """Train on the training documents, or reuse the tokenizer trained for the same inputs."""
     key = stable_hash(
@@ -105,6 +129,10 @@ def _trained_tokenizer(
             pass
     n_docs, _ = count_documents(cfg.source, cfg.text_field)
     is_val = split_mask(n_docs, cfg.val_fraction, cfg.seed)
+    log(
+        f"training a {vocab_size:,}-token BPE tokenizer on {int((~is_val).sum()):,} training "
+        f"documents of {describe_source(cfg.source)[0]}; later runs reuse it..."
+    )
     docs = (
         d
         for i, d in enumerate(iter_documents(cfg.source, cfg.text_field))

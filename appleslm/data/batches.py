@@ -181,6 +181,23 @@ def _refilling_pops(slots: np.ndarray, base: int, j: np.ndarray) -> np.ndarray:
     return out
 
 
+def eval_batch_count(
+    n_tokens: int, batch_size: int, seq_len: int, max_batches: int | None, world_size: int = 1
+) -> tuple[int, int]:
+    """(windows per rank and batch, batches) that `iter_eval_batches` yields for `n_tokens`."""
+    n = num_windows(n_tokens, seq_len)
+    per_rank = min(batch_size, n // world_size)
+    if per_rank < 1:
+        raise DataError(
+            f"{n_tokens} validation tokens are too few for one sequence of seq_len + 1 = "
+            f"{seq_len + 1} tokens per rank; raise data.val_fraction or lower seq_len"
+        )
+    n_batches = n // (per_rank * world_size)
+    if max_batches is not None and max_batches > 0:
+        n_batches = min(n_batches, max_batches)
+    return per_rank, n_batches
+
+
 def iter_eval_batches(
     tokens: np.ndarray,
     batch_size: int,
@@ -195,16 +212,9 @@ def iter_eval_batches(
     that ran one more would hang the others in the gradient/loss all-reduce). A validation set
     smaller than one global batch is used as one smaller batch.
     """
-    n = num_windows(len(tokens), seq_len)
-    per_rank = min(batch_size, n // world_size)
-    if per_rank < 1:
-        raise DataError(
-            f"{len(tokens)} validation tokens are too few for one sequence of seq_len + 1 = "
-            f"{seq_len + 1} tokens per rank; raise data.val_fraction or lower seq_len"
-        )
-    n_batches = n // (per_rank * world_size)
-    if max_batches is not None and max_batches > 0:
-        n_batches = min(n_batches, max_batches)
+    per_rank, n_batches = eval_batch_count(
+        len(tokens), batch_size, seq_len, max_batches, world_size
+    )
     offsets = np.arange(seq_len + 1, dtype=np.int64)
     return _eval_batches(tokens, per_rank, seq_len, n_batches, rank, world_size, offsets)
 

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,17 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from appleslm.atomic import atomic_directory
-from appleslm.data.corpus import DataError, corpus_fingerprint, iter_documents
+from appleslm.data.corpus import DataError, corpus_fingerprint, describe_source, iter_documents
 from appleslm.data.tokenizer import eot_id
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = Path("~/.cache/appleslm/tokens")
 CHUNK_CHARS = 4_000_000  # characters per encode_batch call: big enough to keep all cores busy
+
+
+def notice(message: str) -> None:
+    """The default `log` of the slow data steps: stderr, so `--json` output stays clean."""
+    tqdm.write(message, file=sys.stderr)
 
 
 @dataclass
@@ -92,10 +97,11 @@ def cached_tokens(
     seed: int,
     cache_dir: str | Path | None = None,
     progress: bool | None = None,
+    log: Callable[[str], None] = notice,
 ) -> TokenCache:
     """Tokenize `source` into the cache unless an entry for the same inputs exists; memory-map it.
 
-    `progress=None` shows the bar only on a terminal.
+    `progress=None` shows the bar only on a terminal; `log` gets a notice before tokenizing.
     """
     fingerprint = corpus_fingerprint(source, text_field)
     key = stable_hash(
@@ -114,6 +120,10 @@ def cached_tokens(
     if cache is not None:
         return cache
     n_docs, n_chars = count_documents(source, text_field)
+    log(
+        f"tokenizing {describe_source(source)[0]} ({n_docs:,} documents, {n_chars:,} characters) "
+        "into the token cache; later runs reuse it..."
+    )
     is_val = split_mask(n_docs, val_fraction, seed)
     with atomic_directory(entry) as tmp:  # a broken entry, or a concurrent run's, is replaced
         meta = _tokenize(

@@ -172,7 +172,11 @@ def description(config: dict[str, Any], provenance: Provenance) -> str:
         lines.append(f"Made from `{provenance.base_model}`.")
     imported = provenance.imported_from or {}
     if imported.get("file"):
-        lines.append(f"Imported from the {imported.get('format', '')} file `{imported['file']}`.")
+        lines.append(
+            f"Imported from the {imported.get('format', '')} file `{imported['file']}`"
+            + imported_weights(imported)
+            + "."
+        )
     exported = provenance.exported_from or {}
     if exported:
         lines.append(
@@ -180,6 +184,15 @@ def description(config: dict[str, Any], provenance: Provenance) -> str:
             "embeddings materialized, with the same logits."
         )
     return "\n".join(lines)
+
+
+def imported_weights(imported: dict[str, Any]) -> str:
+    """What became of an imported file's weights: ", dequantized to float32 (from Q4_1, ...)"."""
+    types = ", ".join(imported.get("tensor_types") or [])
+    source = f" (from {types})" if types else ""
+    if imported.get("dtype") in ("float16", "float32"):
+        return f", dequantized to {imported['dtype']}{source}"
+    return f", its tensor types kept{source}" if imported.get("dtype") == "keep" else ""
 
 
 def architecture_section(config: dict[str, Any]) -> str:

@@ -11,7 +11,8 @@ Three things make this more than a rename:
   MLX's affine layout (uint32-packed ``weight`` + float16 ``scales`` and ``biases``, group size 32),
   exactly: Q4_0's implicit zero point becomes ``biases = -8 * scale``, Q8_0's ``-128 * scale``.
   We write those arrays as they are and add mlx-lm's ``quantization`` entry to ``config.json``, so
-  a 4-bit GGUF stays a 4-bit MLX model rather than going through a float round trip.
+  a 4-bit GGUF stays a 4-bit MLX model rather than going through a float round trip. With
+  ``dtype="float16"`` or ``"float32"`` they are dequantized instead, after the same conversion.
 * **RoPE layout.** llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` within each head
   so that its interleaved ("traditional", adjacent-pair) RoPE rotates the same coordinate pairs
   that HF's rotate-half RoPE rotates. mlx-lm's llama uses rotate-half, so we undo that permutation.
@@ -52,6 +53,7 @@ from appleslm.io.files import Provenance
 from appleslm.io.model_dir import check_output_dir, save_model_dir
 
 __all__ = [
+    "DTYPES",
     "SUPPORTED_TENSOR_TYPES",
     "GGUFError",
     "GGUFHeader",
@@ -101,6 +103,9 @@ _GGML_TYPE_NAMES = {
     39: "MXFP4",
 }
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# What the imported weights are: "keep" the file's types (quantized blocks as MLX quantized
+# weights), or every weight dequantized to one float type.
+DTYPES = ("keep", "float16", "float32")
 # MLX maps these ggml block formats onto its affine quantization with 32-element groups.
 _QUANT_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4}
 _GROUP_SIZE = 32
@@ -713,8 +718,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+def import_gguf(
+    gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "keep", overwrite: bool = False
+) -> Path:
     """Convert a llama-architecture GGUF file into an mlx-lm model directory and return its path.
+
+    ``dtype`` "keep" keeps the file's tensor types (quantized blocks stay MLX quantized weights);
+    "float16" or "float32" dequantizes every quantized weight and casts all weights to that type
+    (on MLX's CPU backend float32 runs faster than quantized weights; on a Mac's GPU, the other
+    way round).
 
     Raises FileNotFoundError for a missing file, FileExistsError when ``out_dir`` is a file or a
     non-empty directory (unless ``overwrite``, which replaces the whole directory), and
@@ -722,6 +734,8 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool =
     whole conversion has succeeded.
     """
     gguf_path, out_dir = Path(gguf_path).expanduser(), Path(out_dir).expanduser().resolve()
+    if dtype not in DTYPES:
+        raise GGUFError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not gguf_path.is_file():
         raise MissingFileError(f"GGUF file not found: {gguf_path}")
     check_output_dir(out_dir, overwrite)
@@ -742,14 +756,28 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool =
         # mlx-lm's own save_config mirrors the map into quantization_config too.
         config["quantization"] = quantization
         config["quantization_config"] = quantization
+    model = _llama_model(config, weights)
+    if dtype != "keep":
+        from mlx_lm.utils import dequantize_model
+
+        model = dequantize_model(model)
+        model.set_dtype(getattr(mx, dtype))
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+        config["torch_dtype"] = dtype  # the transformers key for the weights' float type
     provenance = Provenance(
         name=out_dir.name,
         variant="llama",
         params={"params_total": sum(t.n_elements for t in header.tensors.values())},
         base_model=header.metadata.get("general.name") or gguf_path.stem,
-        imported_from={"format": "GGUF", "file": gguf_path.name, "sha256": _sha256(gguf_path)},
+        imported_from={
+            "format": "GGUF",
+            "file": gguf_path.name,
+            "sha256": _sha256(gguf_path),
+            "tensor_types": sorted({t.type_name for t in header.tensors.values()}),
+            "dtype": dtype,
+        },
     )
-    model = _llama_model(config, weights)
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         tokenizer.save(str(Path(tokenizer_dir) / "tokenizer.json"))
         (Path(tokenizer_dir) / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))

@@ -80,16 +80,16 @@ def student_config(teacher: str, config: str, overrides: list[str]) -> RunConfig
 
 def distill(
     teacher: str,
+    cfg: RunConfig,
     run_dir: str | Path,
     *,
-    config: str = "tiny",
-    overrides: list[str] | None = None,
     settings: DistillConfig | None = None,
     resume: bool = False,
     progress: bool = True,
+    verbose: bool = False,
 ) -> TrainResult:
-    """`appleslm distill`: train the student `config` (a preset or YAML, with `section.key=value`
-    overrides) in `run_dir` to match `teacher`."""
-    cfg = student_config(teacher, config, overrides or [])
+    """`appleslm distill`: train the student `cfg` (see `student_config`) in `run_dir` to match
+    `teacher`."""
     task = Distillation(cfg, Path(run_dir), teacher, settings or DistillConfig())
-    return Trainer(task, cfg.train, run_dir, resume=resume, progress=progress).run()
+    trainer = Trainer(task, cfg.train, run_dir, resume=resume, progress=progress, verbose=verbose)
+    return trainer.run()

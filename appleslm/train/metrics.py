@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from appleslm.atomic import atomic_file, atomic_write
 from appleslm.errors import AppleslmError
@@ -12,6 +17,26 @@ from appleslm.errors import AppleslmError
 
 class MetricsError(AppleslmError):
     """A metrics file that is damaged beyond its last line."""
+
+
+@contextmanager
+def paused(bar: tqdm) -> Iterator[None]:
+    """Clear `bar` and leave the time spent inside (an evaluation) out of its rate and ETA.
+
+    tqdm's own `unpause` restarts the clock at the last print, which also drops the steps run
+    since then while still counting them: the next rate reads too high and the ETA jumps.
+    Shifting both clocks by exactly the time spent keeps every step's own time.
+    """
+    bar.clear()
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if not bar.disable:
+            spent = time.perf_counter() - started
+            bar.start_t += spent
+            bar.last_print_t += spent
+            bar.refresh()
 
 
 def train_record(

@@ -7,6 +7,7 @@ and, at the end, `model/`: a model directory every other command (and stock mlx-
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,9 +18,9 @@ import numpy as np
 from appleslm.blas import hardware
 from appleslm.config import ConfigError, RunConfig
 from appleslm.data import PreparedData, prepare_data
-from appleslm.data.batches import PackedBatches, iter_eval_batches
+from appleslm.data.batches import PackedBatches, eval_batch_count, iter_eval_batches
 from appleslm.data.corpus import describe_source
-from appleslm.data.tokenizer import save_tokenizer
+from appleslm.data.tokenizer import save_tokenizer, token_byte_lengths
 from appleslm.io.files import DataRecord, Provenance, Quality, TrainingRecord
 from appleslm.io.model_dir import save_model_dir
 from appleslm.models import Model, build_model, parameter_counts
@@ -60,11 +61,11 @@ class Pretraining:
         self.rank, self.world = rank, world
         # Rank 0 tokenizes first; the others then hit its cache instead of racing it.
         if rank == 0:
-            self.data = prepare_data(cfg.data, cfg.model.vocab_size)
+            self.data = prepare_data(cfg.data, cfg.model.vocab_size, log=log)
             save_tokenizer(self.data.tokenizer, self.run_dir / "tokenizer")
         sync()
         if rank != 0:
-            self.data = prepare_data(cfg.data, cfg.model.vocab_size)
+            self.data = prepare_data(cfg.data, cfg.model.vocab_size, log=log)
         self.model = build_model(cfg.model, self.data.tokenizer, log=log)
         if tc.init_from is not None:
             self.start_from(tc.init_from)
@@ -116,6 +117,13 @@ class Pretraining:
     def has_validation(self) -> bool:
         return len(self.data.val) > 0
 
+    def eval_size(self) -> str:
+        tc = self.cfg.train
+        per_rank, n_batches = eval_batch_count(
+            len(self.data.val), self.micro_batch, tc.seq_len, tc.eval_batches or None, self.world
+        )
+        return f"{per_rank * n_batches * self.world * tc.seq_len:,} held-out tokens"
+
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
         tc = self.cfg.train
         batches = iter_eval_batches(
@@ -127,6 +135,25 @@ class Pretraining:
             self.world,
         )
         return (model_batch(self.model, x, y) for x, y in batches)
+
+    def validation_bytes(self) -> tuple[int, int]:
+        """(target tokens, their UTF-8 bytes) of the validation batches every rank scores: what
+        turns the validation loss into bits per byte."""
+        tc = self.cfg.train
+        lengths = token_byte_lengths(self.data.tokenizer)
+        targets = [
+            y
+            for rank in range(self.world)
+            for _, y in iter_eval_batches(
+                self.data.val,
+                self.micro_batch,
+                tc.seq_len,
+                tc.eval_batches or None,
+                rank,
+                self.world,
+            )
+        ]
+        return sum(y.size for y in targets), sum(int(lengths[y].sum()) for y in targets)
 
     def state_dict(self) -> dict[str, Any]:
         return {"data": self.batches.state_dict()}
@@ -168,9 +195,12 @@ class Pretraining:
         )
         quality = None
         if summary.val_loss is not None:
+            tokens, text_bytes = self.validation_bytes()
+            bits = summary.val_loss * tokens / math.log(2)
             quality = Quality(
                 loss=summary.val_loss,
                 ppl=safe_exp(summary.val_loss),
+                bpb=bits / text_bytes if text_bytes else None,
                 tokens=summary.val_tokens,
                 split="held-out documents of the training data",
             )
@@ -211,9 +241,15 @@ def variant_name(cfg: RunConfig) -> str:
 
 
 def train(
-    cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    verbose: bool = False,
 ) -> TrainResult:
-    """Pretrain `cfg` in `run_dir` (resuming its last checkpoint with `resume`)."""
-    return Trainer(
-        Pretraining(cfg, Path(run_dir)), cfg.train, run_dir, resume=resume, progress=progress
-    ).run()
+    """Pretrain `cfg` in `run_dir` (resuming its last checkpoint with `resume`); `verbose` logs
+    library paths too."""
+    task = Pretraining(cfg, Path(run_dir))
+    trainer = Trainer(task, cfg.train, run_dir, resume=resume, progress=progress, verbose=verbose)
+    return trainer.run()

@@ -223,6 +223,11 @@ class ChatTuning:
     def has_validation(self) -> bool:
         return bool(self.data.valid)
 
+    def eval_size(self) -> str:
+        valid = self.data.valid
+        assistant = sum(sum(c.mask) for c in valid)
+        return f"{len(valid):,} held-out conversations ({assistant:,} assistant tokens)"
+
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
         """This rank's share of every held-out conversation, sorted by length (less padding)."""
         valid = sorted(self.data.valid, key=lambda c: len(c.ids))[self.rank :: self.world]
@@ -314,6 +319,7 @@ def sft_trainer(
     *,
     resume: bool = False,
     progress: bool = True,
+    verbose: bool = False,
     trust_remote_code: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Trainer:
@@ -321,7 +327,7 @@ def sft_trainer(
     cfg = cfg or SFTConfig()
     task = ChatTuning(model_spec, data, cfg, Path(run_dir), trust_remote_code=trust_remote_code)
     extra = {} if log is None else {"log": log}
-    return Trainer(task, cfg, run_dir, resume=resume, progress=progress, **extra)
+    return Trainer(task, cfg, run_dir, resume=resume, progress=progress, verbose=verbose, **extra)
 
 
 def sft(
@@ -333,7 +339,7 @@ def sft(
 ) -> TrainResult:
     """Fine-tune `model_spec` on conversations `data` (a JSONL file, a folder with train.jsonl
     and valid.jsonl, or `default`); the chat model lands in out_dir/model. `options` are
-    `sft_trainer`'s (resume, progress, trust_remote_code)."""
+    `sft_trainer`'s (resume, progress, verbose, trust_remote_code)."""
     trainer = sft_trainer(model_spec, data, out_dir, cfg, **options)
     result = trainer.run()
     if not result.already_done:

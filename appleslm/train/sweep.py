@@ -118,6 +118,7 @@ def run_sweep(
     out: str | Path | None = None,
     only: list[str] | None = None,
     progress: bool = True,
+    verbose: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[SweepRun]:
     """Train every unfinished run of the sweep, in order; returns all runs."""
@@ -140,7 +141,9 @@ def run_sweep(
         try:
             log(f"[sweep] {run.name}: training in {run.run_dir}")
             resume = run_state(run.run_dir) == "started"
-            result = train(run.config, run.run_dir, resume=resume, progress=progress)
+            result = train(
+                run.config, run.run_dir, resume=resume, progress=progress, verbose=verbose
+            )
         finally:
             release(run)
         if result.interrupted:

@@ -4,9 +4,10 @@ A task says what differs: how its model is built, its batches and validation bat
 (as a sum and a count), what its checkpoints carry beyond the loop's own state, what its run record
 is, and how its final model directory is written. The loop owns everything else, once: the run
 directory and its resume rules, the compiled step with gradient accumulation, data parallelism over
-`mx.distributed` (launch the same command with `mlx.launch`; rank 0 writes everything), float32 or
-bfloat16, per-step seeding, the stop request, divergence checks, validation, checkpoints that
-survive `kill -9` and resume exactly, metrics, the progress bar and the loss plot.
+`mx.distributed` (`appleslm.train.launch` starts local ranks, `mlx.launch` remote ones; rank 0
+writes everything), float32 or bfloat16, per-step seeding, the stop request, divergence checks,
+validation, checkpoints that survive `kill -9` and resume exactly, metrics, the progress bar and
+the loss plot.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from appleslm.train.checkpoint import (
     state_is_finite,
 )
 from appleslm.train.losses import to_mx
-from appleslm.train.metrics import MetricsLog, plot_losses, train_record
+from appleslm.train.metrics import MetricsLog, paused, plot_losses, train_record
 from appleslm.train.optim import build_optimizer
 
 RUN_RECORD = "config.yaml"
@@ -143,6 +144,10 @@ class Task(Protocol):
 
     def has_validation(self) -> bool: ...
 
+    def eval_size(self) -> str:
+        """What validation runs over, for the notice before the first one ("61,440 held-out
+        tokens")."""
+
     def train_loss(
         self, model: nn.Module, batch: dict[str, mx.array]
     ) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
@@ -213,9 +218,11 @@ class Trainer:
         *,
         resume: bool = False,
         progress: bool = True,
+        verbose: bool = False,
         log: Callable[[str], None] = tqdm.write,
     ):
         self.task, self.cfg, self.run_dir, self.progress = task, cfg, Path(run_dir), progress
+        self.verbose = verbose
         self.group = mx.distributed.init()
         self.rank, self.world = self.group.rank(), self.group.size()
         self.log = log if self.rank == 0 else (lambda message: None)
@@ -228,6 +235,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.step, self.tokens_seen, self.seconds = 0, 0, 0.0
         self.val_loss_before: float | None = None
+        self.evaluated = False  # in this process: the first evaluation gets a notice
         self.aux: dict[str, float] = {}  # the last step's auxiliary terms (MoE), for the metrics
         self.already_done = self.check_run_dir(resume)
         if self.already_done:
@@ -431,6 +439,9 @@ class Trainer:
         return (total.item() / n if n else None), n
 
     def evaluate(self) -> float | None:
+        if not self.evaluated and self.task.has_validation():
+            self.log(f"evaluating on {self.task.eval_size()}...")
+        self.evaluated = True
         val_loss, n = self.validate()
         if val_loss is not None:
             self.record(
@@ -496,7 +507,8 @@ class Trainer:
         weights up (even to finite values) is thus never saved.
         """
         cfg = self.cfg
-        self.log(f"{self.task.describe()}; BLAS: {blas_in_use()}; {self.world} process(es)")
+        blas = blas_in_use(self.verbose)
+        self.log(f"{self.task.describe()}; BLAS: {blas}; {self.world} process(es)")
         if self.step == 0 and self.task.evaluate_first:
             self.val_loss_before = self.evaluate()
         evals = [r["val_loss"] for r in self.metrics.records() if r["kind"] == "eval"]
@@ -539,10 +551,11 @@ class Trainer:
                     )
                     window_start, window_tokens = time.perf_counter(), 0
                 if self.step % cfg.eval_every == 0 or last:
-                    bar.clear()
-                    val_loss = self.evaluate()
-                    bar.unpause()  # the time spent validating is no part of the step rate
+                    with paused(bar):  # the time spent validating is no part of the step rate
+                        val_loss = self.evaluate()
                     window_start = time.perf_counter()
+                if self.world > 1:  # all ranks stop at one step, whichever saw the signal
+                    stop.requested = self.all_sum(mx.array(float(stop.requested)))[0].item() > 0
                 if self.step % cfg.save_every == 0 or last or stop.requested:
                     pending = self.snapshot()
                 bar.update(1)

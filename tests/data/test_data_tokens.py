@@ -95,10 +95,16 @@ def test_cache_is_reused_and_invalidated_when_corpus_changes(tmp_path, monkeypat
         data_pkg, "train_tokenizer", lambda *a, **k: trained.append(1) or train_tokenizer(*a, **k)
     )
 
-    first = prepare_data(config(tmp_path), vocab_size=300)
+    notices: list[str] = []
+    first = prepare_data(config(tmp_path), vocab_size=300, log=notices.append)
+    # The slow first time says what it is doing; the cached second time is silent.
+    assert [n.split(" ", 1)[0] for n in notices] == ["training", "tokenizing"]
+    assert "300-token BPE tokenizer on 15 training documents of the folder corpus/" in notices[0]
+    assert "the folder corpus/ (20 documents, " in notices[1]
     bin_path = Path(first.meta["cache_path"]) / "train.bin"
     mtime = bin_path.stat().st_mtime_ns
-    second = prepare_data(config(tmp_path), vocab_size=300)
+    second = prepare_data(config(tmp_path), vocab_size=300, log=notices.append)
+    assert len(notices) == 2
     assert len(calls) == 1 and len(trained) == 1  # neither tokenized nor trained again
     assert second.meta["tokenizer"] == first.meta["tokenizer"]
     assert second.tokenizer.to_str() == first.tokenizer.to_str()

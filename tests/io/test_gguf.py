@@ -355,6 +355,36 @@ def test_mixed_bits_get_per_layer_quantization(tmp_path, tiny_vocab):
     assert_logits_match(mlx_logits(model, PROMPT_IDS), numpy_logits(weights, hp, PROMPT_IDS), 5e-3)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_float_import_equals_the_dequantized_kept_import(tmp_path, tiny_vocab, dtype):
+    odd = {"token_embd.weight": QT.Q8_0, "blk.1.ffn_down.weight": QT.F16}
+    src = write_llama_gguf(tmp_path / "mixed.gguf", tiny_vocab, QT.Q4_1, odd=odd)
+    kept_dir = import_gguf(src, tmp_path / "kept")
+    float_dir = import_gguf(src, tmp_path / dtype, dtype=dtype)
+
+    config = json.loads((float_dir / "config.json").read_text())
+    assert "quantization" not in config and config["torch_dtype"] == dtype
+    stored = mx.load(str(float_dir / "model.safetensors"))
+    assert not any(k.endswith((".scales", ".biases")) for k in stored)
+    assert {v.dtype for v in stored.values()} == {getattr(mx, dtype)}
+    assert read_provenance(float_dir).imported_from["dtype"] == dtype
+    card = (float_dir / "README.md").read_text()
+    assert f"dequantized to {dtype} (from F16, F32, Q4_1, Q8_0)" in card
+    assert "its tensor types kept" in (kept_dir / "README.md").read_text()
+
+    kept, _ = mlx_lm.load(str(kept_dir))
+    floated, _ = mlx_lm.load(str(float_dir))
+    dequantized = mlx_lm.utils.dequantize_model(kept)
+    dequantized.set_dtype(mx.float32)
+    ours, ref = mlx_logits(floated, PROMPT_IDS), mlx_logits(dequantized, PROMPT_IDS)
+    if dtype == "float32":  # the same weights, exactly: only summation order may differ
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    else:
+        assert_logits_match(ours, ref, rtol=5e-3)
+    weights, hp = gguf_reference(src)  # and both agree with llama.cpp's arithmetic
+    assert_logits_match(ours, numpy_logits(weights, hp, PROMPT_IDS), 5e-3)
+
+
 def test_unpermute_inverts_llama_cpp_permute():
     # convert_hf_to_gguf.py's permute, applied to an HF-layout matrix, then undone by ours.
     n_head, rows, cols = 3, 3 * 8, 5

@@ -192,7 +192,12 @@ def test_quantized_ingredients_are_dequantized_and_said_so(soup_models, tmp_path
 
 def test_checkpoint_averaging_is_the_mean_of_the_last_k(tmp_path, write_config):
     config = write_config(steps=6, save_every=2, keep_checkpoints=3, eval_every=6)
-    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert (
+        main(
+            ["train", str(config), "--out", str(tmp_path / "run"), "--no-progress", "--procs", "1"]
+        )
+        == 0
+    )
     checkpoints = list_checkpoints(tmp_path / "run" / "checkpoints")
     assert [c.step for c in checkpoints] == [2, 4, 6]
     out = merge([str(tmp_path / "run")], tmp_path / "avg", last=3, **QUIET).out_dir

@@ -54,7 +54,7 @@ def test_a_student_is_at_zero_kl_only_when_it_is_the_teacher():
 def distill_cmd(teacher, config, out, *extra: str) -> list[str]:
     return [
         *APPLESLM, "distill", str(teacher), "--student", str(config), "--out", str(out),
-        "--temperature", "2", "--ce-weight", "0.25", "--no-progress", *extra,
+        "--temperature", "2", "--ce-weight", "0.25", "--no-progress", "--procs", "1", *extra,
     ]  # fmt: skip
 
 
@@ -112,7 +112,8 @@ def test_distillation_refuses_what_cannot_work(trained_model_dir, write_config, 
         (["model.head=bytes"], "head"),
     ]:
         argv = ["distill", str(trained_model_dir), "--student", str(config)]
-        assert main([*argv, "--out", str(tmp_path / "run"), "--no-progress", *extra]) == 2
+        out = ["--out", str(tmp_path / "run"), "--no-progress", "--procs", "1"]
+        assert main([*argv, *out, *extra]) == 2
         err = capsys.readouterr().err
         assert names in err and "Traceback" not in err, err
     assert main(["distill", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 2

@@ -273,9 +273,15 @@ def test_full_finetune_lowers_held_out_assistant_loss(trained_model_dir, chat_da
         tmp_path / "run",
         sft_config(lr=3e-3),
         progress=False,
-        log=lambda message: None,
+        log=(messages := []).append,
     )
     result = trainer.run()
+    valid = trainer.task.data.valid
+    assistant = sum(sum(c.mask) for c in valid)
+    # The evaluation before the first step is announced, once, with what it covers.
+    assert [m for m in messages if m.startswith("evaluating on")] == [
+        f"evaluating on {len(valid):,} held-out conversations ({assistant:,} assistant tokens)..."
+    ]
     # Measured: 5.68 -> 5.11 nats per assistant token.
     drop = result.val_loss_before - result.val_loss
     assert drop > 0.4, (result.val_loss_before, result.val_loss)
