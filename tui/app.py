@@ -44,8 +44,12 @@ class ReplyDone(Message):
 
 
 class ModelLoaded(Message):
-    def __init__(self, choice: ModelChoice, session: ChatSession | None, error: str | None) -> None:
+    def __init__(
+        self, choice: str | ModelChoice, session: ChatSession | None, error: str | None
+    ) -> None:
         super().__init__()
+        if not isinstance(choice, ModelChoice):
+            choice = ModelChoice(str(choice))
         self.choice, self.spec, self.session, self.error = choice, choice.model, session, error
 
 
