@@ -16,7 +16,14 @@ from appleslm_tui.model_list import ModelEntry
 from appleslm_tui.screens import ConversationsScreen, ModelPickerScreen, SettingsScreen
 from appleslm_tui.store import Store
 from appleslm_tui.widgets import MessageItem
-from tests.tui.tui_helpers import notifications, press_now, ready, send, wait_until
+from tests.tui.tui_helpers import (
+    notifications,
+    press_now,
+    ready,
+    send,
+    until_closed,
+    wait_until,
+)
 
 SIZE = (80, 24)
 
@@ -71,6 +78,7 @@ async def test_escape_stops_the_reply_and_keeps_it(make_app, tiny_model_dir):
             await asyncio.sleep(0.005)
         assert app.generating and time.monotonic() - asked < 1.0
         app.screen.dismiss(None)
+        await until_closed(app, ConversationsScreen)
         await pilot.press("escape")  # stops the reply
         await wait_until(pilot, lambda: not app.generating, timeout=5)
         reply = app.history[-1]
@@ -533,6 +541,7 @@ async def test_a_system_prompt_set_mid_conversation_is_exported_where_it_was_set
         await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
         app.screen.query_one("#system-prompt").load_text("Answer in verse.")
         app.screen.action_save()
+        await until_closed(app, SettingsScreen)
         await wait_until(pilot, lambda: app.system_prompt == "Answer in verse.")
         await send(pilot, "shall")
         await wait_until(pilot, lambda: len(app.history) == 4 and not app.generating)

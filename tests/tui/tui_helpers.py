@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
 from textual import events
+from textual.pilot import WaitForScreenTimeout
 
 from appleslm_tui.app import ChatApp
 
@@ -16,8 +18,32 @@ async def wait_until(pilot, predicate: Callable[[], bool], timeout: float = 20.0
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {predicate}")
-        await pilot.pause(0.02)
-    await pilot.pause()  # let a screen that just opened finish mounting its widgets
+        await asyncio.sleep(0.02)
+    await settle(pilot)  # let a screen that just opened finish mounting its widgets
+
+
+async def settle(pilot, attempts: int = 6) -> None:
+    """`pilot.pause()`, robust to widgets removed meanwhile: Pilot waits until every widget of the
+    screen has drained its messages, and one removed in between (a finished reply's streaming
+    view, a closing screen's) never answers, so look again at the widgets there are then."""
+    for _ in range(attempts):
+        try:
+            await pilot._wait_for_screen(timeout=5.0)
+            return
+        except WaitForScreenTimeout:
+            continue
+    raise AssertionError(f"the screen did not settle in {attempts} x 5 s")
+
+
+async def until_closed(app: ChatApp, screen_type: type, timeout: float = 20.0) -> None:
+    """Wait until a dismissed screen is off the top, without Pilot: its pause waits for every
+    widget of the current screen to drain its messages, and a closing screen's widgets may be
+    removed first and never answer (a 30 s WaitForScreenTimeout on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while isinstance(app.screen, screen_type):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{screen_type.__name__} did not close")
+        await asyncio.sleep(0.01)
 
 
 async def ready(pilot) -> ChatApp:
