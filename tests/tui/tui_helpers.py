@@ -36,13 +36,14 @@ async def settle(pilot, attempts: int = 6) -> None:
 
 
 async def until_closed(app: ChatApp, screen_type: type, timeout: float = 20.0) -> None:
-    """Wait until a dismissed screen is off the top, without Pilot: its pause waits for every
-    widget of the current screen to drain its messages, and a closing screen's widgets may be
-    removed first and never answer (a 30 s WaitForScreenTimeout on a loaded machine)."""
+    """Wait until a dismissed screen is off the top and the screen beneath has its focus back
+    (a key sent before that is lost), without Pilot: its pause waits for every widget of the
+    current screen to drain its messages, and a closing screen's widgets may be removed first
+    and never answer (a 30 s WaitForScreenTimeout on a loaded machine)."""
     deadline = time.monotonic() + timeout
-    while isinstance(app.screen, screen_type):
+    while isinstance(app.screen, screen_type) or app.focused is None:
         if time.monotonic() > deadline:
-            raise AssertionError(f"{screen_type.__name__} did not close")
+            raise AssertionError(f"{screen_type.__name__} did not close and give focus back")
         await asyncio.sleep(0.01)
 
 
