@@ -36,7 +36,7 @@ RING_NOISE = b"[ring]"  # what MLX's ring backend prints, from C++, when a peer 
 
 def lost_a_peer(error: Exception) -> bool:
     """Whether a rank's error is the ring backend losing another rank (the launcher reports it)."""
-    return is_rank() and isinstance(error, RuntimeError) and "[ring]" in str(error)
+    return is_rank() and isinstance(error, RuntimeError) and RING_NOISE.decode() in str(error)
 
 
 def cores() -> int:

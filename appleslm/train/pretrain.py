@@ -124,35 +124,21 @@ class Pretraining:
         )
         return f"{per_rank * n_batches * self.world * tc.seq_len:,} held-out tokens"
 
-    def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    def eval_windows(self, rank: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Rank `rank`'s share of the validation windows, as (inputs, targets)."""
         tc = self.cfg.train
-        batches = iter_eval_batches(
-            self.data.val,
-            self.micro_batch,
-            tc.seq_len,
-            tc.eval_batches or None,
-            self.rank,
-            self.world,
+        return iter_eval_batches(
+            self.data.val, self.micro_batch, tc.seq_len, tc.eval_batches or None, rank, self.world
         )
-        return (model_batch(self.model, x, y) for x, y in batches)
+
+    def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+        return (model_batch(self.model, x, y) for x, y in self.eval_windows(self.rank))
 
     def validation_bytes(self) -> tuple[int, int]:
         """(target tokens, their UTF-8 bytes) of the validation batches every rank scores: what
         turns the validation loss into bits per byte."""
-        tc = self.cfg.train
         lengths = token_byte_lengths(self.data.tokenizer)
-        targets = [
-            y
-            for rank in range(self.world)
-            for _, y in iter_eval_batches(
-                self.data.val,
-                self.micro_batch,
-                tc.seq_len,
-                tc.eval_batches or None,
-                rank,
-                self.world,
-            )
-        ]
+        targets = [y for rank in range(self.world) for _, y in self.eval_windows(rank)]
         return sum(y.size for y in targets), sum(int(lengths[y].sum()) for y in targets)
 
     def state_dict(self) -> dict[str, Any]:
