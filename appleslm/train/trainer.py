@@ -592,16 +592,18 @@ class Trainer:
                 interrupted=True,
             )
         self.check_ranks_in_sync()
-        model_dir = self.save_final_model(val_loss) if self.rank == 0 else None
+        val_tokens = None
+        if val_loss is None:  # on every rank: validation all-reduces, rank 0 cannot do it alone
+            val_loss, val_tokens = self.validate()
+        model_dir = self.save_final_model(val_loss, val_tokens) if self.rank == 0 else None
         return TrainResult(
             self.run_dir, model_dir, self.step, self.tokens_seen, val_loss, self.val_loss_before
         )
 
-    def save_final_model(self, val_loss: float | None) -> Path:
-        n = 0
-        if val_loss is None:
-            val_loss, n = self.validate()
-        else:
+    def save_final_model(self, val_loss: float | None, n: int | None = None) -> Path:
+        """Write the final model; `n` is how many tokens `val_loss` was measured on (None: those
+        of the run's last recorded evaluation)."""
+        if n is None:
             evals = [r for r in self.metrics.records() if r["kind"] == "eval"]
             n = evals[-1].get("val_tokens", 0) if evals else 0
         if val_loss is not None and not val_loss < DIVERGED_LOSS:
