@@ -83,17 +83,21 @@ def restore_checkpoint(
     mx.eval(model.parameters(), optimizer.state)
 
 
+def remove_interrupted(directory: Path, log: Callable[[str], None]) -> None:
+    """Delete the staging folders of checkpoint writes a crash interrupted, saying so."""
+    for leftover in remove_staging(directory, PREFIX):
+        log(f"removed {leftover.name}, a checkpoint whose writing was interrupted")
+
+
 def restore_latest(
     directory: Path, model: nn.Module, optimizer: optim.Optimizer, log: Callable[[str], None]
 ) -> Checkpoint | None:
     """Restore the newest intact checkpoint, saying which damaged ones were passed over.
 
-    Interrupted writes' staging folders are removed first. None when there is no checkpoint;
-    an error when checkpoints exist but none of them can be read.
+    None when there is no checkpoint; an error when checkpoints exist but none of them can be
+    read.
     """
     directory = Path(directory)
-    for leftover in remove_staging(directory, PREFIX):
-        log(f"removed {leftover.name}, a checkpoint whose writing was interrupted")
     candidates = sorted(directory.glob(f"{PREFIX}*"), reverse=True)
     for path in candidates:
         try:

@@ -35,6 +35,7 @@ from appleslm.config import LoopConfig
 from appleslm.errors import AppleslmError
 from appleslm.train.checkpoint import (
     list_checkpoints,
+    remove_interrupted,
     restore_latest,
     save_checkpoint,
     state_is_finite,
@@ -313,6 +314,8 @@ class Trainer:
             next(iter(self.task.eval_batches()), None)  # raises if the split is too small
 
     def restore(self) -> None:
+        if self.rank == 0:  # another rank removing them first would do it unheard
+            remove_interrupted(self.checkpoints, self.log)
         checkpoint = restore_latest(self.checkpoints, self.model, self.optimizer, self.log)
         if checkpoint is None:
             self.log(f"{self.run_dir} holds no checkpoint yet: starting from step 0")
