@@ -13,6 +13,7 @@ import appleslm.generate as generate
 from appleslm.generate import ModelChoice, SamplingSettings
 from appleslm_tui.app import ModelLoaded
 from appleslm_tui.model_list import ModelEntry
+from appleslm_tui.reply import ReplyBuffer
 from appleslm_tui.screens import ConversationsScreen, ModelPickerScreen, SettingsScreen
 from appleslm_tui.store import Store
 from appleslm_tui.widgets import MessageItem
@@ -39,6 +40,15 @@ async def test_a_prompt_streams_a_reply_with_live_figures(make_app, tiny_model_d
             live.append((item.app.generating, stats.generation_tokens if stats else 0))
 
     monkeypatch.setattr(MessageItem, "append", watch)
+    push = ReplyBuffer.push
+
+    def write_slowly(buffer: ReplyBuffer, fragment: str, stats) -> None:
+        # the tiny model can write its 1000 tokens between two of the UI's drains (the first
+        # render of a cold process is slow): at 3 ms a token the reply spans several
+        time.sleep(0.003)
+        push(buffer, fragment, stats)
+
+    monkeypatch.setattr(ReplyBuffer, "push", write_slowly)
     app = make_app(tiny_model_dir, settings=SamplingSettings(max_tokens=1000))
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
@@ -417,7 +427,8 @@ async def test_a_conversation_deleted_in_another_window_loses_nothing(make_app, 
 
         app.settings = SamplingSettings(max_tokens=100_000)  # deleted while a reply streams
         await send(pilot, "third question")
-        await wait_until(pilot, lambda: app.speed.stats is not None and app.generating)
+        # the panel still shows the last reply's figures: wait for this one's first text
+        await wait_until(pilot, lambda: app.generating and bool(app.reply and app.reply.text))
         other.delete_conversation(app.conversation.id)
         press_now(app, "escape")  # pilot.press would wait for an idle CPU, which a model never is
         await wait_until(pilot, lambda: not app.generating, timeout=10)

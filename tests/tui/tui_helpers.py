@@ -14,11 +14,7 @@ from appleslm_tui.app import ChatApp
 
 async def wait_until(pilot, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
     """Poll instead of one pause: workers run in threads and finish when they finish."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {predicate}")
-        await asyncio.sleep(0.02)
+    await _poll(predicate, timeout, f"timed out waiting for {predicate}")
     await settle(pilot)  # let a screen that just opened finish mounting its widgets
 
 
@@ -40,11 +36,11 @@ async def until_closed(app: ChatApp, screen_type: type, timeout: float = 20.0) -
     (a key sent before that is lost), without Pilot: its pause waits for every widget of the
     current screen to drain its messages, and a closing screen's widgets may be removed first
     and never answer (a 30 s WaitForScreenTimeout on a loaded machine)."""
-    deadline = time.monotonic() + timeout
-    while isinstance(app.screen, screen_type) or app.focused is None:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{screen_type.__name__} did not close and give focus back")
-        await asyncio.sleep(0.01)
+    await _poll(
+        lambda: not isinstance(app.screen, screen_type) and app.focused is not None,
+        timeout,
+        f"{screen_type.__name__} did not close and give focus back",
+    )
 
 
 async def ready(pilot) -> ChatApp:
@@ -54,18 +50,35 @@ async def ready(pilot) -> ChatApp:
     return app
 
 
-async def send(pilot, text: str) -> None:
+async def send(pilot, text: str, timeout: float = 30.0) -> None:
     """Put `text` in the prompt and press Enter, as a key event, without `pilot.press`:
-    that waits for the CPU to go idle, which it does not while a model writes."""
+    that waits for the CPU to go idle, which it does not while a model writes.
+
+    The prompt is focused first (a key goes to whatever has the focus, and a screen that just
+    closed may hand it elsewhere), and the call returns once the app took the message (it clears
+    the prompt) or said why not: on a loaded machine the key can take longer than any fixed
+    pause to arrive, and a key that was lost must fail here, not as a reply that never came."""
     app = pilot.app
+    app.prompt.focus()
+    await _poll(lambda: app.focused is app.prompt, timeout, "the prompt did not take the focus")
     app.prompt.load_text(text)
     shown = len(app._notifications)
     press_now(app, "enter")
-    # Wait until the app took the message (it clears the prompt) or said why not; on a loaded
-    # machine the key can take longer than any fixed pause to arrive.
-    deadline = time.monotonic() + 10
-    while app.prompt.text and len(app._notifications) == shown and time.monotonic() < deadline:
-        await pilot.pause(0.02)
+    await _poll(
+        lambda: not app.prompt.text or len(app._notifications) > shown,
+        timeout,
+        lambda: f"Enter was not taken (focus on {app.focused!r}, screen {app.screen!r})",
+    )
+
+
+async def _poll(
+    predicate: Callable[[], bool], timeout: float, failure: str | Callable[[], str]
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(failure if isinstance(failure, str) else failure())
+        await asyncio.sleep(0.02)
 
 
 def press_now(app: ChatApp, key: str) -> None:
