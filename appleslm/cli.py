@@ -97,6 +97,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         args.sweep,
         out=args.out,
         only=args.only,
+        procs=args.procs,
         progress=not args.no_progress,
         verbose=args.verbose,
     )
@@ -511,8 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train a ladder of runs (resumable, run by run)")
     p.add_argument("sweep", help="a sweep YAML file (see configs/sweeps/)")
     p.add_argument("--out", help="folder for the runs (default: the file's `out`)")
-    p.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs")
+    p.add_argument(
+        "--only", nargs="+", metavar="NAME", help="train only these runs (a name covers its seeds)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_procs_arg(p)
     add_verbose_arg(p)
     p.set_defaults(func=cmd_sweep)
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from os import PathLike
 from pathlib import Path
@@ -545,6 +545,8 @@ class RunResult:
     tokens: int | None = None
     path: str | None = None
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
+    seeds: int = 1  # runs pooled into this one (`pool_seeds`): `loss` is their mean
+    loss_std: float = 0.0  # their sample standard deviation
 
     def n_params(self, key: str = "params_total") -> int:
         if key not in self.params:
@@ -608,6 +610,38 @@ def load_runs(
 ) -> list[RunResult]:
     """Load every run; RunResult objects pass through, so callers can mix disk and memory."""
     return [r if isinstance(r, RunResult) else load_run(r, metric) for r in run_dirs]
+
+
+def pool_seeds(runs: Sequence[RunResult]) -> list[RunResult]:
+    """One result per configuration: runs named NAME-seedK (as `appleslm sweep` names a run's
+    seeds) become NAME, with the mean and the sample spread of their losses. Order is kept."""
+    groups: dict[str, list[RunResult]] = {}
+    for run in runs:
+        stem, sep, seed = run.name.rpartition("-seed")
+        groups.setdefault(stem if sep and seed.isdigit() else run.name, []).append(run)
+    pooled = []
+    for name, members in groups.items():
+        if len(members) == 1:
+            pooled.append(members[0])
+            continue
+        first = members[0]
+        if any(m.params != first.params or m.variant != first.variant for m in members):
+            raise DensityError(
+                f"the seeds of {name!r} are not the same model (parameter counts or variants "
+                "differ); rename the runs that are not seeds of one configuration"
+            )
+        losses = np.array([m.loss for m in members])
+        pooled.append(
+            replace(
+                first,
+                name=name,
+                loss=float(losses.mean()),
+                seeds=len(members),
+                loss_std=float(losses.std(ddof=1)),
+                path=str(Path(first.path).parent) if first.path else None,
+            )
+        )
+    return pooled
 
 
 # --------------------------------------------------------------------------------------------------
@@ -678,7 +712,7 @@ def density_report(
     """
     if not (z > 0 and math.isfinite(z)):
         raise DensityError(f"the width of the reported ranges (--sigma) must be > 0, got {z}")
-    runs = load_runs(run_dirs, metric)
+    runs = pool_seeds(load_runs(run_dirs, metric))
     if not runs:
         raise DensityError("no runs given")
     in_ladder = _select_ladder(runs, ladder, ladder_variant)
@@ -710,11 +744,14 @@ def density_report(
     rows = []
     for run, is_ladder in zip(runs, in_ladder, strict=True):
         n = run.n_params(params_key)
+        mean_std = run.loss_std / math.sqrt(run.seeds)  # how far the mean over seeds may be off
         try:
             if isinstance(fit, DensingFit):
-                value, lo, hi = fit.effective_params_interval(run.loss, float(run.tokens), z=z)
+                value, lo, hi = fit.effective_params_interval(
+                    run.loss, float(run.tokens), z=z, loss_std=mean_std
+                )
             else:
-                value, lo, hi = fit.effective_params_interval(run.loss, z=z)
+                value, lo, hi = fit.effective_params_interval(run.loss, z=z, loss_std=mean_std)
         except DensityError as exc:
             raise DensityError(f"run {run.name!r} ({run.variant}): {exc}") from exc
         extrapolated = not (fit.n_range[0] <= value <= fit.n_range[1])
@@ -743,6 +780,8 @@ def density_report(
                 "params": n,
                 "tokens": run.tokens,
                 metric: run.loss,
+                "seeds": run.seeds,
+                f"{metric}_std": run.loss_std,
                 "effective_params": _finite(value),
                 "effective_params_lo": _finite(lo),
                 "effective_params_hi": _finite(hi),
@@ -793,7 +832,8 @@ def format_table(report: dict[str, Any]) -> str:
         "",
     ]
     metric = report.get("metric", "loss")
-    header = ["name", "variant", "params", metric, f"N_eff [±{sigma:g}σ]", "density"]
+    header = ["name", "variant", "params", f"{metric} (± seeds' sd)", f"N_eff [±{sigma:g}σ]"]
+    header.append("density")
     table = [header]
     for row in report["runs"]:
         rng = f"[{_human(row['effective_params_lo'])}, {_human(row['effective_params_hi'])}]"
@@ -803,7 +843,8 @@ def format_table(report: dict[str, Any]) -> str:
                 row["name"] + (" *" if row["ladder"] else ""),
                 row["variant"],
                 _human(row["params"]),
-                f"{row[metric]:.4f}",
+                f"{row[metric]:.4f}"
+                + (f" ± {row[metric + '_std']:.4f} ({row['seeds']})" if row["seeds"] > 1 else ""),
                 f"{_human(row['effective_params'])} {rng}",
                 "-" if density is None else f"{density:.2f}x",
             ]
@@ -909,6 +950,17 @@ def write_plot(
                 xytext=(6, 6),
                 fontsize=8,
             )
+    pooled = [r for r in rows if r["seeds"] > 1]
+    if pooled:  # the spread over seeds, one standard deviation
+        ax.errorbar(
+            [r["params"] for r in pooled],
+            [r[metric] for r in pooled],
+            yerr=[r[f"{metric}_std"] for r in pooled],
+            fmt="none",
+            ecolor="gray",
+            capsize=3,
+            zorder=2,
+        )
     if isinstance(fit, PowerLawFit):
         # Show the floor only where it falls inside the data's range; far below, it would squash
         # the curve into a sliver (the legend still gives its value).

@@ -292,3 +292,29 @@ def test_power_law_fit_is_a_plain_dataclass():
     assert fit.effective_params(curve(5e6)) == pytest.approx(5e6, rel=1e-10)
     value, lo, hi = fit.effective_params_interval(curve(5e6))
     assert math.isnan(lo) and math.isnan(hi)
+
+
+def test_seeds_are_pooled_into_their_mean_and_spread(tmp_path):
+    spread = 0.02
+    dirs = []
+    for i, n in enumerate(SIZES[:4]):
+        for k, offset in enumerate((-spread, 0.0, spread)):
+            dirs.append(write_run(tmp_path, f"dense-{i}-seed{k}", "dense", n, curve(n) + offset))
+    single = write_run(tmp_path, "lev", "leviathan", 1e7, curve(2.0e7))
+    alone = {r["name"]: r for r in density_report([*dirs, single])["runs"]}["lev"]
+    for k, offset in enumerate((-spread, 0.0, spread)):
+        dirs.append(write_run(tmp_path, f"lev-seed{k}", "leviathan", 1e7, curve(2.0e7) + offset))
+    report = density_report(dirs)
+    rows = {r["name"]: r for r in report["runs"]}
+    assert list(rows) == ["dense-0", "dense-1", "dense-2", "dense-3", "lev"]
+    assert report["fit"]["alpha"] == pytest.approx(ALPHA, rel=1e-5)  # fitted on the means
+    lev = rows["lev"]
+    assert lev["seeds"] == 3 and lev["loss_std"] == pytest.approx(spread)
+    assert lev["loss"] == pytest.approx(curve(2.0e7)) and lev["density"] == pytest.approx(2.0)
+    # the spread of the seeds widens the range around the same N_eff
+    assert lev["effective_params_lo"] < alone["effective_params_lo"]
+    assert lev["effective_params_hi"] > alone["effective_params_hi"]
+    assert "± 0.0200 (3)" in format_table(report)
+    dirs.append(write_run(tmp_path, "lev-seed3", "leviathan", 2e7, curve(2.0e7)))
+    with pytest.raises(DensityError, match="seeds of 'lev' are not the same model"):
+        density_report(dirs)

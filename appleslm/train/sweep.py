@@ -4,19 +4,23 @@ A sweep file names a base config and, per run, the overrides that make it differ
 
     base: tiny                     # a preset or YAML file: data and train sections shared by all
     out: runs/density              # one run directory per run below
+    seeds: [0, 1, 2]               # optional: each run once per train.seed, as NAME-seedK
     runs:
       dense-64x4: {model: {hidden_size: 64, num_hidden_layers: 4}}
       leviathan:  {model: {embedding: leviathan, tie_word_embeddings: false}}
 
-Finished runs (with a saved model) are skipped, interrupted ones resume from their last checkpoint,
-and a lock file per run lets several invocations, on one machine or several sharing a folder,
-work through the same sweep without training a run twice.
+Runs train in the file's order (with seeds, a run's seeds one after another), each with `appleslm
+train`'s data-parallel ranks (one per core on a CPU). Finished runs (with a saved model) are
+skipped, interrupted ones resume from their last checkpoint, and a lock file per run lets several
+invocations, on one machine or several sharing a folder, work through the same sweep without
+training a run twice.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +29,16 @@ from typing import Any
 import yaml
 
 from appleslm.config import ConfigError, RunConfig, config_from_dict, find_config
+from appleslm.errors import AppleslmError
+from appleslm.train.launch import data_parallel_procs, run_local_ranks
 from appleslm.train.pretrain import train
 from appleslm.train.trainer import run_state
 
-SWEEP_KEYS = {"base", "out", "runs"}
+SWEEP_KEYS = {"base", "out", "seeds", "runs"}
+
+
+class SweepError(AppleslmError):
+    pass
 
 
 @dataclass
@@ -36,6 +46,7 @@ class SweepRun:
     name: str
     config: RunConfig
     run_dir: Path
+    base_name: str  # the name in the sweep file, the same for each of a run's seeds
 
     @property
     def finished(self) -> bool:
@@ -63,15 +74,27 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> list[SweepRun
             f"{path}: a sweep file has keys {sorted(SWEEP_KEYS)} with at least one "
             f"run{f'; unknown: {sorted(unknown)}' if unknown else ''}"
         )
+    seeds = spec.get("seeds")
+    if seeds is not None and (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ConfigError(f"{path}: seeds must be a list of distinct integers >= 0, got {seeds!r}")
     base_path = find_config(spec.get("base", "tiny"))
     base = yaml.safe_load(base_path.read_text()) or {}
     out_dir = Path(out or spec.get("out") or Path("runs") / path.stem)
-    return [
-        SweepRun(
-            name, config_from_dict(merge(base, overrides or {}), f"{path}: {name}"), out_dir / name
-        )
-        for name, overrides in spec["runs"].items()
-    ]
+    runs = []
+    for name, overrides in spec["runs"].items():
+        for seed in seeds or [None]:
+            full_name, merged = name, merge(base, overrides or {})
+            if seed is not None:
+                full_name = f"{name}-seed{seed}"
+                merged.setdefault("train", {})["seed"] = seed
+            config = config_from_dict(merged, f"{path}: {full_name}")
+            runs.append(SweepRun(full_name, config, out_dir / full_name, name))
+    return runs
 
 
 def claim(run: SweepRun) -> bool:
@@ -117,17 +140,20 @@ def run_sweep(
     *,
     out: str | Path | None = None,
     only: list[str] | None = None,
+    procs: int | None = None,
     progress: bool = True,
     verbose: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[SweepRun]:
-    """Train every unfinished run of the sweep, in order; returns all runs."""
+    """Train every unfinished run of the sweep, in order; returns all runs.
+
+    `only` names runs, or with seeds also a run's base name for all its seeds."""
     runs = load_sweep(path, out)
     if only:
-        missing = set(only) - {r.name for r in runs}
+        missing = set(only) - {r.name for r in runs} - {r.base_name for r in runs}
         if missing:
             raise ConfigError(f"no run(s) named {sorted(missing)} in {path}")
-        runs = [r for r in runs if r.name in only]
+        runs = [r for r in runs if r.name in only or r.base_name in only]
     for run in runs:
         if run.finished:
             log(f"[sweep] {run.name}: finished, skipping")
@@ -140,13 +166,29 @@ def run_sweep(
             continue
         try:
             log(f"[sweep] {run.name}: training in {run.run_dir}")
-            resume = run_state(run.run_dir) == "started"
-            result = train(
-                run.config, run.run_dir, resume=resume, progress=progress, verbose=verbose
-            )
+            train_run(run, procs, progress, verbose)
         finally:
             release(run)
-        if result.interrupted:
+        if not run.finished:
             log("[sweep] interrupted; run the same command again to continue")
             break
     return runs
+
+
+def train_run(run: SweepRun, procs: int | None, progress: bool, verbose: bool) -> None:
+    """Train (or resume) one run, in this process or as `appleslm train`'s local ranks."""
+    resume = run_state(run.run_dir) == "started"
+    tc = run.config.train
+    n = data_parallel_procs(procs, tc.batch_size, tc.grad_accum)
+    if n == 1:
+        train(run.config, run.run_dir, resume=resume, progress=progress, verbose=verbose)
+        return
+    with tempfile.TemporaryDirectory(prefix="appleslm-sweep-") as scratch:
+        config = Path(scratch) / f"{run.name}.yaml"
+        config.write_text(yaml.safe_dump(run.config.to_dict(), sort_keys=False))
+        argv = ["train", str(config), "--out", str(run.run_dir)]
+        argv += ["--resume"] * resume + ["--no-progress"] * (not progress)
+        argv += ["--verbose"] * verbose
+        status = run_local_ranks(n, argv)
+    if status:
+        raise SweepError(f"run {run.name} failed (its ranks' message is above; exit {status})")

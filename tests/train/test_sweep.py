@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import mlx.core as mx
 import pytest
 import yaml
 
@@ -84,3 +85,31 @@ def test_bad_sweep_files_are_refused(tmp_path, sweep_file):
         load_sweep(bad)
     with pytest.raises(ConfigError, match="no run"):
         run_sweep(sweep_file, only=["nope"], progress=False)
+
+
+def test_seeds_expand_each_run_and_only_its_name_covers_them(sweep_file, tmp_path):
+    spec = yaml.safe_load(sweep_file.read_text())
+    spec["seeds"] = [0, 7]
+    sweep_file.write_text(yaml.safe_dump(spec))
+    runs = load_sweep(sweep_file)
+    assert [r.name for r in runs] == [
+        "dense-a-seed0",
+        "dense-a-seed7",
+        "dense-b-seed0",
+        "dense-b-seed7",
+    ]
+    assert [r.config.train.seed for r in runs] == [0, 7, 0, 7]
+    assert runs[0].config.data == runs[1].config.data  # same held-out split for every seed
+    run_sweep(sweep_file, only=["dense-a"], procs=1, progress=False, log=lambda _: None)
+    trained = load_sweep(sweep_file)
+    assert [r.finished for r in trained] == [True, True, False, False]
+    weights = [
+        mx.load(str(r.run_dir / "model" / "model.safetensors"))["embed_tokens.weight"]
+        for r in trained[:2]
+    ]
+    assert not mx.array_equal(weights[0], weights[1])  # the seed reached the initialisation
+    for seeds in ("[]", "[1, 1]", "[-1]", "3", "[true]"):
+        spec["seeds"] = yaml.safe_load(seeds)
+        sweep_file.write_text(yaml.safe_dump(spec))
+        with pytest.raises(ConfigError, match="seeds"):
+            load_sweep(sweep_file)
