@@ -41,3 +41,42 @@ def test_architecture_sweep_runs_are_valid_models_beside_the_density_ladder():
         assert counts["params_active"] <= counts["params_total"]
     moe = parameter_counts(Model(next(r for r in runs if r.name == "moe-d96x6").config.model))
     assert moe["params_active"] < moe["params_total"]
+
+
+def study(name: str) -> dict:
+    return {r.base_name: r for r in load_sweep(Path(str(preset_dir() / "sweeps" / name)))}
+
+
+def test_the_density_study_runs_have_the_sizes_and_budgets_its_comments_state():
+    runs = study("density-study.yaml")
+    stated = {  # thousands of parameters, total and active, as the file's comments give them
+        "untied-d64x4-3m": (447, 447),
+        "leviathan-d64x4-3m": (370, 370),
+        "ls-d64x4-3m": (316, 316),
+        "moe-d64x4-3m": (452, 317),
+        "share-ffn-d64x4-3m": (215, 215),
+        "wide-d96x2-3m": (320, 320),
+        "leviathan-d64x6-3m": (463, 463),
+    }
+    for name, (total, active) in stated.items():
+        counts = parameter_counts(Model(runs[name].config.model))
+        assert (round(counts["params_total"] / 1e3), round(counts["params_active"] / 1e3)) == (
+            total,
+            active,
+        ), name
+    ladder = [runs[f"dense-d{shape}-3m"].config for shape in ("32x4", "48x4", "64x4", "96x6")]
+    for name, run in runs.items():
+        tokens = run.config.train.steps * run.config.train.batch_size * run.config.train.seq_len
+        assert tokens == (1_024_000 if name.endswith("-1m") else 3_072_000), name
+        assert run.config.data == ladder[0].data, name
+        if name.endswith("-3m"):  # one schedule for every run of a budget
+            assert run.config.train == ladder[0].train, name
+    # the learning-rate check changes the rate of the study's runs and nothing else
+    for name, run in study("density-lr.yaml").items():
+        base, _, rate = name.rpartition("-lr")
+        twin = runs[base].config
+        assert run.config.model == twin.model and run.config.data == twin.data, name
+        assert run.config.train.lr == float(rate) != twin.train.lr, name
+    for name in ("density-vocab.yaml", "density-mac.yaml"):
+        for run in study(name).values():
+            assert parameter_counts(Model(run.config.model))["params_total"] > 0
