@@ -621,10 +621,10 @@ def pool_seeds(runs: Sequence[RunResult]) -> list[RunResult]:
         groups.setdefault(stem if sep and seed.isdigit() else run.name, []).append(run)
     pooled = []
     for name, members in groups.items():
-        if len(members) == 1:
-            pooled.append(members[0])
-            continue
         first = members[0]
+        if len(members) == 1:
+            pooled.append(replace(first, name=name))
+            continue
         if any(m.params != first.params or m.variant != first.variant for m in members):
             raise DensityError(
                 f"the seeds of {name!r} are not the same model (parameter counts or variants "
