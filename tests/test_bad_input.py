@@ -251,6 +251,9 @@ def test_every_model_command_refuses_a_broken_model(
         (["import-gguf", "{tmp}/missing.gguf", "--out", "{tmp}/m"], "missing.gguf"),
         (["import-gguf", "{tmp}/missing.gguf", "--out", "{tmp}/m", "--dtype", "int8"], "--dtype"),
         (["sweep", "{tmp}/missing.yaml"], "missing.yaml"),
+        (["sweep", "{tmp}/sweep.yaml", "--procs", "0"], "--procs"),
+        (["sweep", "{tmp}/sweep.yaml", "--procs", "3"], "--procs 3 does not divide"),
+        (["sweep", "{tmp}/seeds.yaml"], "seeds must be"),
         (["info", "no-such-preset"], "no-such-preset"),
         (["push", "{model}", "not a repo id", "--dry-run"], "repo id"),
         (["quantize", "{model}", "--out", "{model}"], "--overwrite"),
@@ -291,6 +294,9 @@ def test_every_model_command_refuses_a_broken_model(
 )
 def test_other_commands_refuse_bad_arguments(argv, names, tiny_model_dir, tmp_path, capsys):
     (tmp_path / "a-file").write_text("mine")
+    runs = f"out: {tmp_path / 'runs'}\nruns: {{a: {{train: {{steps: 1}}}}}}\n"
+    (tmp_path / "sweep.yaml").write_text(runs)
+    (tmp_path / "seeds.yaml").write_text(runs + "seeds: [1, 1]\n")
     argv = [a.format(tmp=tmp_path, model=tiny_model_dir) for a in argv]
     refused(argv, capsys, names=names, untouched=[tmp_path, tiny_model_dir])
 

@@ -154,6 +154,8 @@ def run_sweep(
         if missing:
             raise ConfigError(f"no run(s) named {sorted(missing)} in {path}")
         runs = [r for r in runs if r.name in only or r.base_name in only]
+    for run in runs:  # a --procs that cannot split some run's batch is refused before any run
+        data_parallel_procs(procs, run.config.train.batch_size, run.config.train.grad_accum)
     for run in runs:
         if run.finished:
             log(f"[sweep] {run.name}: finished, skipping")
