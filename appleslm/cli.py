@@ -104,7 +104,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     done = [r for r in runs if r.finished]
     print(f"{len(done)} of {len(runs)} runs finished")
     if done:
-        print("measure them: " + hint("density", *(r.run_dir for r in done)))
+        folders = {r.run_dir.parent for r in done}
+        if len(done) <= 6 or len(folders) > 1:
+            print("measure them: " + hint("density", *(r.run_dir for r in done)))
+        else:  # a long study by its folder (the glob left for the shell)
+            print("measure them: " + hint("density", folders.pop()) + "/*")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

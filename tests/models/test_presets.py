@@ -67,7 +67,8 @@ def test_the_density_study_runs_have_the_sizes_and_budgets_its_comments_state():
     ladder = [runs[f"dense-d{shape}-3m"].config for shape in ("32x4", "48x4", "64x4", "96x6")]
     for name, run in runs.items():
         tokens = run.config.train.steps * run.config.train.batch_size * run.config.train.seq_len
-        assert tokens == (1_024_000 if name.endswith("-1m") else 3_072_000), name
+        budget = {"0.5m": 512_000, "1m": 1_024_000, "3m": 3_072_000}[name.rpartition("-")[2]]
+        assert tokens == budget, name
         assert run.config.data == ladder[0].data, name
         if name.endswith("-3m"):  # one schedule for every run of a budget
             assert run.config.train == ladder[0].train, name

@@ -113,3 +113,19 @@ def test_seeds_expand_each_run_and_only_its_name_covers_them(sweep_file, tmp_pat
         sweep_file.write_text(yaml.safe_dump(spec))
         with pytest.raises(ConfigError, match="seeds"):
             load_sweep(sweep_file)
+
+
+def test_a_long_finished_study_is_measured_by_its_folder(sweep_file, tmp_path, capsys):
+    from appleslm.cli import main
+
+    spec = yaml.safe_load(sweep_file.read_text())
+    spec["seeds"] = [0, 1, 2, 3]  # 8 runs
+    sweep_file.write_text(yaml.safe_dump(spec))
+    for run in load_sweep(sweep_file):  # finished as an exported study is: results, no weights
+        (run.run_dir / "model").mkdir(parents=True)
+        (run.run_dir / "model" / "appleslm.json").write_text("{}")
+        (run.run_dir / "config.yaml").write_text("{}")
+    main(["sweep", str(sweep_file)])
+    out = capsys.readouterr().out
+    assert "8 of 8 runs finished" in out and out.count("finished, skipping") == 8
+    assert out.rstrip().endswith(f"density {tmp_path / 'runs'}/*")
