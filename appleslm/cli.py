@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -783,10 +784,15 @@ def main(argv: list[str] | None = None) -> int:
     from appleslm.train.launch import PEER_LOST, lost_a_peer
 
     try:
-        return args.func(args) or 0
+        status = args.func(args) or 0
+        sys.stdout.flush()  # a reader gone meanwhile is met here, not in the flush at exit
+        return status
     except AppleslmError as e:
         print(f"appleslm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `appleslm density ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        return 141  # what a shell reports for a process killed by SIGPIPE
     except RuntimeError as e:
         if lost_a_peer(e):  # the launcher reports the rank that went away
             return PEER_LOST

@@ -3,6 +3,8 @@ typed from the shell the user is in."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,3 +58,19 @@ def test_hint_is_plain_when_this_install_is_on_path(venv, monkeypatch):
 def test_hint_falls_back_to_python_m(venv, monkeypatch):
     monkeypatch.setattr(cli.shutil, "which", lambda name: None)  # no script: a source checkout
     assert hint("density", "a", "b") == ".venv/bin/python -m appleslm density a b"
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    read, write = os.pipe()
+    os.close(read)  # like `| head` once it has its lines
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(
+        [sys.executable, "-m", "appleslm", "info", "tiny"],
+        env=buffered,  # the output then meets the closed pipe when it is flushed
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    os.close(write)
+    assert done.returncode == 141 and "Traceback" not in done.stderr, done.stderr
