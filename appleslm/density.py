@@ -612,12 +612,21 @@ def load_runs(
     return [r if isinstance(r, RunResult) else load_run(r, metric) for r in run_dirs]
 
 
+SEED_SUFFIX = "-seed"
+
+
+def seeded_name(name: str, seed: int) -> str:
+    """The name of one seed of a configuration: NAME-seedK (what `pool_seeds` groups by)."""
+    return f"{name}{SEED_SUFFIX}{seed}"
+
+
 def pool_seeds(runs: Sequence[RunResult]) -> list[RunResult]:
-    """One result per configuration: runs named NAME-seedK (as `appleslm sweep` names a run's
-    seeds) become NAME, with the mean and the sample spread of their losses. Order is kept."""
+    """One result per configuration: runs named NAME-seedK (`seeded_name`, as `appleslm sweep`
+    names a run's seeds) become NAME, with the mean and the sample spread of their losses. Order
+    is kept."""
     groups: dict[str, list[RunResult]] = {}
     for run in runs:
-        stem, sep, seed = run.name.rpartition("-seed")
+        stem, sep, seed = run.name.rpartition(SEED_SUFFIX)
         groups.setdefault(stem if sep and seed.isdigit() else run.name, []).append(run)
     pooled = []
     for name, members in groups.items():
@@ -832,8 +841,14 @@ def format_table(report: dict[str, Any]) -> str:
         "",
     ]
     metric = report.get("metric", "loss")
-    header = ["name", "variant", "params", f"{metric} (± seeds' sd)", f"N_eff [±{sigma:g}σ]"]
-    header.append("density")
+    header = [
+        "name",
+        "variant",
+        "params",
+        f"{metric} (± seeds' sd)",
+        f"N_eff [±{sigma:g}σ]",
+        "density",
+    ]
     table = [header]
     for row in report["runs"]:
         rng = f"[{_human(row['effective_params_lo'])}, {_human(row['effective_params_hi'])}]"

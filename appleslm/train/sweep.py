@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from appleslm.config import ConfigError, RunConfig, config_from_dict, find_config
+from appleslm.density import seeded_name
 from appleslm.errors import AppleslmError
 from appleslm.train.launch import data_parallel_procs, run_local_ranks
 from appleslm.train.pretrain import train
@@ -90,7 +91,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> list[SweepRun
         for seed in seeds or [None]:
             full_name, merged = name, merge(base, overrides or {})
             if seed is not None:
-                full_name = f"{name}-seed{seed}"
+                full_name = seeded_name(name, seed)
                 merged.setdefault("train", {})["seed"] = seed
             config = config_from_dict(merged, f"{path}: {full_name}")
             runs.append(SweepRun(full_name, config, out_dir / full_name, name))
@@ -154,9 +155,13 @@ def run_sweep(
         if missing:
             raise ConfigError(f"no run(s) named {sorted(missing)} in {path}")
         runs = [r for r in runs if r.name in only or r.base_name in only]
-    for run in runs:  # a --procs that cannot split some run's batch is refused before any run
-        data_parallel_procs(procs, run.config.train.batch_size, run.config.train.grad_accum)
-    for run in runs:
+    # resolved for every run first: a --procs that cannot split some run's batch is refused
+    # before any run starts
+    ranks = [
+        data_parallel_procs(procs, r.config.train.batch_size, r.config.train.grad_accum)
+        for r in runs
+    ]
+    for run, n in zip(runs, ranks, strict=True):
         if run.finished:
             log(f"[sweep] {run.name}: finished, skipping")
             continue
@@ -168,7 +173,7 @@ def run_sweep(
             continue
         try:
             log(f"[sweep] {run.name}: training in {run.run_dir}")
-            train_run(run, procs, progress, verbose)
+            train_run(run, n, progress, verbose)
         finally:
             release(run)
         if not run.finished:
@@ -177,11 +182,9 @@ def run_sweep(
     return runs
 
 
-def train_run(run: SweepRun, procs: int | None, progress: bool, verbose: bool) -> None:
-    """Train (or resume) one run, in this process or as `appleslm train`'s local ranks."""
+def train_run(run: SweepRun, n: int, progress: bool, verbose: bool) -> None:
+    """Train (or resume) one run, in this process or as `n` of `appleslm train`'s local ranks."""
     resume = run_state(run.run_dir) == "started"
-    tc = run.config.train
-    n = data_parallel_procs(procs, tc.batch_size, tc.grad_accum)
     if n == 1:
         train(run.config, run.run_dir, resume=resume, progress=progress, verbose=verbose)
         return
