@@ -1,5 +1,6 @@
 """The STLM and Mixtral presets and sweep runs build, with the counts their comments state."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,14 @@ def test_the_density_study_runs_have_the_sizes_and_budgets_its_comments_state():
         twin = runs[base].config
         assert run.config.model == twin.model and run.config.data == twin.data, name
         assert run.config.train.lr == float(rate) != twin.train.lr, name
+    # the best-rate seeds are the learning-rate check's runs again, so that its seed 0 is reused
+    check = study("density-lr.yaml")
+    for name, run in study("density-best.yaml").items():
+        twin = check[name].config
+        train = replace(run.config.train, seed=twin.train.seed)  # the dict keeps one seed per run
+        same = (run.config.model, run.config.data, train) == (twin.model, twin.data, twin.train)
+        assert same, name
+        assert run.run_dir.parent == check[name].run_dir.parent, name
     for name in ("density-vocab.yaml", "density-mac.yaml"):
         for run in study(name).values():
             assert parameter_counts(Model(run.config.model))["params_total"] > 0
