@@ -7,7 +7,9 @@ A sweep file names a base config and, per run, the overrides that make it differ
     seeds: [0, 1, 2]               # optional: each run once per train.seed, as NAME-seedK
     runs:
       dense-64x4: {model: {hidden_size: 64, num_hidden_layers: 4}}
-      leviathan:  {model: {embedding: leviathan, tie_word_embeddings: false}}
+      leviathan:  {model: {embedding: leviathan, tie_word_embeddings: false}, seeds: [0]}
+
+A run's own `seeds` replace the file's for that run (a check at one seed beside runs at three).
 
 Runs train in the file's order (with seeds, a run's seeds one after another), each with `appleslm
 train`'s data-parallel ranks (one per core on a CPU). Finished runs (with a saved model) are
@@ -63,6 +65,17 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def checked_seeds(seeds: Any, where: str) -> list[int] | None:
+    if seeds is not None and (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ConfigError(f"{where}: seeds must be a list of distinct integers >= 0, got {seeds!r}")
+    return seeds
+
+
 def load_sweep(path: str | Path, out: str | Path | None = None) -> list[SweepRun]:
     path = Path(path)
     try:
@@ -75,21 +88,22 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> list[SweepRun
             f"{path}: a sweep file has keys {sorted(SWEEP_KEYS)} with at least one "
             f"run{f'; unknown: {sorted(unknown)}' if unknown else ''}"
         )
-    seeds = spec.get("seeds")
-    if seeds is not None and (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in seeds)
-        or len(set(seeds)) != len(seeds)
-    ):
-        raise ConfigError(f"{path}: seeds must be a list of distinct integers >= 0, got {seeds!r}")
+    seeds = checked_seeds(spec.get("seeds"), str(path))
     base_path = find_config(spec.get("base", "tiny"))
     base = yaml.safe_load(base_path.read_text()) or {}
     out_dir = Path(out or spec.get("out") or Path("runs") / path.stem)
     runs = []
     for name, overrides in spec["runs"].items():
-        for seed in seeds or [None]:
-            full_name, merged = name, merge(base, overrides or {})
+        if not isinstance(overrides or {}, dict):
+            raise ConfigError(
+                f"{path}: run {name!r} must be sections of key: value, got {overrides!r}"
+            )
+        overrides = dict(overrides or {})
+        run_seeds = seeds
+        if "seeds" in overrides:
+            run_seeds = checked_seeds(overrides.pop("seeds"), f"{path}: {name}")
+        for seed in run_seeds or [None]:
+            full_name, merged = name, merge(base, overrides)
             if seed is not None:
                 full_name = seeded_name(name, seed)
                 merged.setdefault("train", {})["seed"] = seed

@@ -79,14 +79,38 @@ def test_the_density_study_runs_have_the_sizes_and_budgets_its_comments_state():
         twin = runs[base].config
         assert run.config.model == twin.model and run.config.data == twin.data, name
         assert run.config.train.lr == float(rate) != twin.train.lr, name
-    # the best-rate seeds are the learning-rate check's runs again, so that its seed 0 is reused
-    check = study("density-lr.yaml")
-    for name, run in study("density-best.yaml").items():
-        twin = check[name].config
-        train = replace(run.config.train, seed=twin.train.seed)  # the dict keeps one seed per run
-        same = (run.config.model, run.config.data, train) == (twin.model, twin.data, twin.train)
-        assert same, name
-        assert run.run_dir.parent == check[name].run_dir.parent, name
-    for name in ("density-vocab.yaml", "density-mac.yaml"):
-        for run in study(name).values():
-            assert parameter_counts(Model(run.config.model))["params_total"] > 0
+    # the 6e-3 families have 3 seeds, the rest of the check one
+    seeds = {}
+    for run in load_sweep(Path(str(preset_dir() / "sweeps" / "density-lr.yaml"))):
+        seeds.setdefault(run.base_name, []).append(run.config.train.seed)
+    best = {f"{f}-d64x4-3m-lr6e-3" for f in ("dense", "untied", "ls", "moe", "leviathan")}
+    best |= {f"dense-d{s}-3m-lr6e-3" for s in ("32x4", "48x4", "96x6")}
+    assert {name for name, k in seeds.items() if k == [0, 1, 2]} == best
+    assert all(k == [0] for name, k in seeds.items() if name not in best)
+    for run in study("density-mac.yaml").values():
+        assert parameter_counts(Model(run.config.model))["params_total"] > 0
+
+
+def test_the_vocabulary_check_has_the_table_shares_its_comment_states():
+    runs = {name: run.config for name, run in study("density-vocab.yaml").items()}
+    study_runs = study("density-study.yaml")
+
+    def total(config) -> int:
+        return parameter_counts(Model(config))["params_total"]
+
+    def share(config) -> float:
+        return config.vocab_size * config.hidden_size / total(config)
+
+    shares = {v: round(100 * share(runs[f"dense-d64x4-v{v}"].model)) for v in (512, 8192)}
+    assert shares == {512: 15, 8192: 74}
+    assert round(100 * share(study_runs["dense-d64x4-3m"].config.model)) == 41
+    # the byte embedder is twice the V = 512 table, a seventh of the V = 8192 one
+    bytes_in, dense = runs["bytes-in-d64x4-v8192"].model, runs["dense-d64x4-v8192"].model
+    embedder = total(bytes_in) - total(dense)
+    assert round(embedder / 1e3) == 74
+    for name, config in runs.items():  # the study's bodies and schedule at 6e-3
+        vocab = name.rpartition("-v")[2]
+        assert config.model.vocab_size == int(vocab), name
+        twin = study_runs[name.rpartition("-v")[0] + "-3m"].config
+        assert replace(config.model, vocab_size=twin.model.vocab_size) == twin.model, name
+        assert config.train == replace(twin.train, lr=6e-3, seed=config.train.seed), name

@@ -115,6 +115,32 @@ def test_seeds_expand_each_run_and_only_its_name_covers_them(sweep_file, tmp_pat
             load_sweep(sweep_file)
 
 
+def test_a_runs_own_seeds_replace_the_files(sweep_file):
+    spec = yaml.safe_load(sweep_file.read_text())
+    spec["seeds"] = [0]
+    spec["runs"]["dense-b"]["seeds"] = [0, 1, 2]
+    sweep_file.write_text(yaml.safe_dump(spec))
+    runs = load_sweep(sweep_file)
+    assert [(r.name, r.base_name, r.config.train.seed) for r in runs] == [
+        ("dense-a-seed0", "dense-a", 0),
+        ("dense-b-seed0", "dense-b", 0),
+        ("dense-b-seed1", "dense-b", 1),
+        ("dense-b-seed2", "dense-b", 2),
+    ]
+    assert runs[1].config.model == runs[3].config.model
+    del spec["seeds"]  # without the file's seeds the other runs stay unseeded
+    sweep_file.write_text(yaml.safe_dump(spec))
+    assert [r.name for r in load_sweep(sweep_file)][0] == "dense-a"
+    spec["runs"]["dense-b"]["seeds"] = [3, 3]
+    sweep_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="dense-b: seeds must be"):
+        load_sweep(sweep_file)
+    spec["runs"]["dense-b"] = [{"model": {}}]
+    sweep_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="run 'dense-b' must be sections"):
+        load_sweep(sweep_file)
+
+
 def test_a_long_finished_study_is_measured_by_its_folder(sweep_file, tmp_path, capsys):
     from appleslm.cli import main
 
