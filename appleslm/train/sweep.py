@@ -94,11 +94,12 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> list[SweepRun
     out_dir = Path(out or spec.get("out") or Path("runs") / path.stem)
     runs = []
     for name, overrides in spec["runs"].items():
-        if not isinstance(overrides or {}, dict):
+        overrides = overrides or {}
+        if not isinstance(overrides, dict):
             raise ConfigError(
                 f"{path}: run {name!r} must be sections of key: value, got {overrides!r}"
             )
-        overrides = dict(overrides or {})
+        overrides = dict(overrides)
         run_seeds = seeds
         if "seeds" in overrides:
             run_seeds = checked_seeds(overrides.pop("seeds"), f"{path}: {name}")

@@ -10,6 +10,10 @@ from appleslm.models import Model, parameter_counts
 from appleslm.train.sweep import load_sweep
 
 
+def sweep_runs(name: str) -> list:
+    return load_sweep(Path(str(preset_dir() / "sweeps" / name)))
+
+
 def info(preset: str) -> dict:
     return parameter_counts(Model(load_config(preset).model))  # shapes only
 
@@ -32,8 +36,8 @@ def test_presets_have_the_counts_their_comments_state(preset, total, active):
 
 
 def test_architecture_sweep_runs_are_valid_models_beside_the_density_ladder():
-    runs = load_sweep(Path(str(preset_dir() / "sweeps" / "architectures.yaml")))
-    ladder = load_sweep(Path(str(preset_dir() / "sweeps" / "density.yaml")))
+    runs = sweep_runs("architectures.yaml")
+    ladder = sweep_runs("density.yaml")
     assert {r.run_dir.parent for r in runs} == {ladder[0].run_dir.parent}
     dense = next(r for r in ladder if r.name == "dense-d96x6").config
     for run in runs:
@@ -45,7 +49,7 @@ def test_architecture_sweep_runs_are_valid_models_beside_the_density_ladder():
 
 
 def study(name: str) -> dict:
-    return {r.base_name: r for r in load_sweep(Path(str(preset_dir() / "sweeps" / name)))}
+    return {r.base_name: r for r in sweep_runs(name)}
 
 
 def test_the_density_study_runs_have_the_sizes_and_budgets_its_comments_state():
@@ -81,7 +85,7 @@ def test_the_density_study_runs_have_the_sizes_and_budgets_its_comments_state():
         assert run.config.train.lr == float(rate) != twin.train.lr, name
     # the 6e-3 families have 3 seeds, the rest of the check one
     seeds = {}
-    for run in load_sweep(Path(str(preset_dir() / "sweeps" / "density-lr.yaml"))):
+    for run in sweep_runs("density-lr.yaml"):
         seeds.setdefault(run.base_name, []).append(run.config.train.seed)
     best = {f"{f}-d64x4-3m-lr6e-3" for f in ("dense", "untied", "ls", "moe", "leviathan")}
     best |= {f"dense-d{s}-3m-lr6e-3" for s in ("32x4", "48x4", "96x6")}
